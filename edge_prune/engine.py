@@ -1,0 +1,344 @@
+"""Eager reference executor of a recipe: prefill with visual-token dropping, per-layer KV caches, decode.
+
+Semantics (ARCHITECTURE.md): layer i's attention sees the tokens that entered it and its KV
+cache holds exactly those; after that attention the recipe's scorer drops visual tokens down
+to round(keep_after[i] * n_visual); the MLP and every later layer see only the kept ones.
+Kept tokens keep their original position ids. Text tokens are never dropped.
+
+Internally every sample's tokens are packed to the left of a [B, T] working set (padding
+removed, order kept), with an explicit validity mask and explicit position ids, so samples of
+different prompt lengths and different visual-token counts can share one batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from edge_prune.errors import RecipeError
+from edge_prune.models.adapter import ImageInput, LlavaAdapter, PreparedBatch
+from edge_prune.recipe import Recipe
+from edge_prune.scoring import SCORERS, ScoreContext, pool_visual, select_visual
+
+ATTENTION_SCORERS = ("fastv", "fitprune")
+
+
+@dataclass
+class Timings:
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0  # decoder prefill (embedding merge + all layers + first logits)
+    ttft_ms: float = 0.0  # vision + prefill + choosing the first token
+    decode_tok_s: float = 0.0
+
+
+@dataclass
+class KeptTokens:
+    """Visual tokens of one request: how many entered the decoder and how many survived each layer."""
+
+    visual_tokens: int
+    entered_decoder: int
+    per_layer: list[int]
+    exit_layer: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    tokens: list[list[int]]
+    kept: list[KeptTokens]
+    timings: Timings
+    first_logits: torch.Tensor  # [B, vocab] logits of the prefill's last position
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+@dataclass
+class WorkingSet:
+    """Packed prefill state: row b holds sample b's present tokens, left-aligned, in order."""
+
+    hidden: torch.Tensor  # [B, T, d]
+    valid: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B, T]
+    visual: torch.Tensor  # [B, T]
+    text_after: torch.Tensor  # [B, T] text tokens after the image
+
+    def select(self, keep: torch.Tensor) -> WorkingSet:
+        """Keep the tokens marked in `keep` ([B, T] subset of valid), re-packed to the left."""
+        counts = keep.sum(1)
+        width = int(counts.max())
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        take = lambda x: torch.gather(x, 1, order)  # noqa: E731
+        hidden = torch.gather(self.hidden, 1, order[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+        return WorkingSet(
+            hidden=hidden,
+            valid=valid,
+            positions=take(self.positions),
+            visual=take(self.visual) & valid,
+            text_after=take(self.text_after) & valid,
+        )
+
+
+@dataclass
+class LayerCache:
+    key: torch.Tensor  # [B, KVH, L, hd]
+    value: torch.Tensor
+    valid: torch.Tensor  # [B, L]
+
+
+@dataclass
+class PrefillOutput:
+    logits: torch.Tensor  # [B, vocab]
+    caches: list[LayerCache | None]
+    next_positions: torch.Tensor  # [B] position id of the first generated token
+    kept: list[KeptTokens] = field(default_factory=list)
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+
+
+class PrunedEngine:
+    """Runs a LLaVA checkpoint under a recipe. Without a recipe it is the unpruned model."""
+
+    def __init__(self, adapter: LlavaAdapter, recipe: Recipe | None = None, score_chunk: int = 64):
+        self.adapter = adapter
+        signature = adapter.signature()
+        if recipe is None:
+            recipe = Recipe.identity(signature)
+        recipe.check_model(signature)
+        self.recipe = recipe
+        self.score_chunk = score_chunk
+        self.skip = set(recipe.skip_attention)
+        for i, (before, after) in enumerate(zip([recipe.prune.keep_input, *recipe.prune.keep_after],
+                                                 recipe.prune.keep_after)):
+            if after < before and i in self.skip and recipe.prune.scorer in ATTENTION_SCORERS:
+                raise RecipeError(
+                    f"recipe drops tokens at layer {i} with the attention-based scorer "
+                    f"{recipe.prune.scorer!r}, but that layer's attention is skipped"
+                )
+
+    @classmethod
+    def load(cls, model_dir: str | Path, recipe: Recipe | str | Path | None = None, device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> PrunedEngine:
+        if recipe is not None and not isinstance(recipe, Recipe):
+            recipe = Recipe.load(recipe)
+        return cls(LlavaAdapter.load(model_dir, device=device, dtype=dtype), recipe)
+
+    # ---- public API -----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> GenerationResult:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+            images = None if images is None else [images]  # type: ignore[list-item]
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens is {max_new_tokens}; expected at least 1")
+        batch = self.adapter.prepare(prompts, images)  # type: ignore[arg-type]
+        start = time.perf_counter()
+        pre = self.prefill(batch)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        pick = lambda logits: _choose(logits, do_sample, temperature, top_k, top_p, gen)  # noqa: E731
+        token = pick(pre.logits)
+        ttft_ms = (time.perf_counter() - start) * 1000
+        out = [token]
+        finished = torch.tensor([t in self.adapter.eos_token_ids for t in token.tolist()])
+        positions = pre.next_positions.clone()
+        decode_start = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            if bool(finished.all()):
+                break
+            logits = self.decode_step(pre.caches, token, positions)
+            positions += 1
+            token = pick(logits)
+            token = torch.where(finished.to(token.device), torch.full_like(token, self.adapter.pad_token_id), token)
+            finished |= torch.tensor([t in self.adapter.eos_token_ids for t in token.tolist()])
+            out.append(token)
+        decode_s = time.perf_counter() - decode_start
+        steps = len(out) - 1
+        tokens = self._trim(torch.stack(out, dim=1))
+        tok = self.adapter.processor.tokenizer
+        timings = Timings(
+            vision_ms=pre.vision_ms, prefill_ms=pre.prefill_ms, ttft_ms=ttft_ms,
+            decode_tok_s=(steps / decode_s) if steps and decode_s > 0 else 0.0,
+        )
+        return GenerationResult(
+            texts=[tok.decode(t, skip_special_tokens=True).strip() for t in tokens],
+            tokens=tokens, kept=pre.kept, timings=timings, first_logits=pre.logits,
+        )
+
+    @torch.no_grad()
+    def prefill(self, batch: PreparedBatch) -> PrefillOutput:
+        t0 = time.perf_counter()
+        features = self.adapter.image_features(batch)
+        t1 = time.perf_counter()
+        embeds, visual = self.adapter.embed(batch, features)
+        ws = self._initial_working_set(embeds, visual, batch.attention_mask.bool())
+        n_visual = visual.sum(1).tolist()
+        entered = ws.visual.sum(1).tolist()
+        counts = [self.recipe.keep_counts(n) for n in n_visual]
+        caches: list[LayerCache | None] = []
+        for i, layer in enumerate(self.adapter.layers):
+            residual = ws.hidden
+            if i in self.skip:
+                caches.append(None)
+                attn_ctx = None
+            else:
+                attn_out, cache, attn_ctx = self._attention(layer, ws)
+                caches.append(cache)
+                ws.hidden = residual + attn_out
+            targets = [c[i] for c in counts]
+            present = ws.visual.sum(1).tolist()
+            if any(t < p for t, p in zip(targets, present)):
+                ws = self._drop(ws, i, attn_ctx, targets)
+            residual = ws.hidden
+            ws.hidden = residual + layer.mlp(layer.post_attention_layernorm(ws.hidden))
+        last = ws.valid.long().sum(1) - 1
+        final = self.adapter.final_norm(ws.hidden[torch.arange(ws.hidden.shape[0]), last])
+        logits = self.adapter.lm_head(final).float()
+        t2 = time.perf_counter()
+        next_positions = torch.stack([ws.positions[b, last[b]] for b in range(len(last))]) + 1
+        kept = [
+            KeptTokens(visual_tokens=int(n), entered_decoder=int(e), per_layer=c)
+            for n, e, c in zip(n_visual, entered, counts)
+        ]
+        return PrefillOutput(logits, caches, next_positions, kept, (t1 - t0) * 1000, (t2 - t1) * 1000)
+
+    @torch.no_grad()
+    def decode_step(self, caches: list[LayerCache | None], token: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+        """One new token per sample; appends to every non-skipped layer's cache. Returns [B, vocab]."""
+        h = self.adapter.embed_tokens(token[:, None])
+        pos = positions[:, None]
+        for i, layer in enumerate(self.adapter.layers):
+            cache = caches[i]
+            if cache is not None:
+                attn = layer.self_attn
+                q, k, v = self._qkv(layer, layer.input_layernorm(h), pos)
+                cache.key = torch.cat([cache.key, k], dim=2)
+                cache.value = torch.cat([cache.value, v], dim=2)
+                cache.valid = torch.cat([cache.valid, torch.ones_like(cache.valid[:, :1])], dim=1)
+                out = F.scaled_dot_product_attention(
+                    q, cache.key, cache.value, attn_mask=cache.valid[:, None, None, :],
+                    scale=attn.scaling, enable_gqa=True,
+                )
+                h = h + attn.o_proj(out.transpose(1, 2).reshape(h.shape[0], 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.adapter.lm_head(self.adapter.final_norm(h[:, -1])).float()
+
+    # ---- internals --------------------------------------------------------------------------
+    def _initial_working_set(self, embeds: torch.Tensor, visual: torch.Tensor,
+                             attention_mask: torch.Tensor) -> WorkingSet:
+        """Drop padding, apply input-level pooling, and pack every sample to the left."""
+        rows = []
+        target_frac = self.recipe.prune.keep_input
+        for b in range(embeds.shape[0]):
+            real = attention_mask[b]
+            e, vis = embeds[b][real], visual[b][real]
+            if target_frac < 1.0 and bool(vis.any()):
+                idx = vis.nonzero()[:, 0]
+                start, end = int(idx[0]), int(idx[-1]) + 1
+                pooled = pool_visual(e[start:end], self.recipe.input_count(end - start))
+                e = torch.cat([e[:start], pooled, e[end:]])
+                vis = torch.cat([vis[:start], torch.ones(len(pooled), dtype=torch.bool, device=vis.device),
+                                 vis[end:]])
+            after = torch.zeros_like(vis)
+            if bool(vis.any()):
+                after[int(vis.nonzero()[-1, 0]) + 1:] = True
+            rows.append((e, vis, after))
+        width = max(len(r[0]) for r in rows)
+        bsz, dim = len(rows), embeds.shape[-1]
+        hidden = embeds.new_zeros(bsz, width, dim)
+        valid = torch.zeros(bsz, width, dtype=torch.bool, device=embeds.device)
+        vis_mask, after_mask = valid.clone(), valid.clone()
+        for b, (e, vis, after) in enumerate(rows):
+            n = len(e)
+            hidden[b, :n], valid[b, :n], vis_mask[b, :n], after_mask[b, :n] = e, True, vis, after
+        positions = torch.arange(width, device=embeds.device).expand(bsz, -1).clone()
+        return WorkingSet(hidden, valid, positions, vis_mask, after_mask)
+
+    def _qkv(self, layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor):
+        attn = layer.self_attn
+        bsz, t, _ = x.shape
+        q = attn.q_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = self.adapter.rotary_emb(x, positions)
+        q, k = self.adapter.apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def _attention(self, layer: torch.nn.Module, ws: WorkingSet):
+        attn = layer.self_attn
+        x = layer.input_layernorm(ws.hidden)
+        q, k, v = self._qkv(layer, x, ws.positions)
+        bsz, t = ws.valid.shape
+        if bool(ws.valid.all()):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+        else:
+            idx = torch.arange(t, device=q.device)
+            causal = idx[None, :] <= idx[:, None]
+            # Padding rows attend to themselves only, so they stay finite (their output is ignored).
+            mask = (causal[None] & ws.valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=q.device)[None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=attn.scaling,
+                                                 enable_gqa=True)
+        out = attn.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
+        cache = LayerCache(key=k, value=v, valid=ws.valid.clone())
+        ctx = (q, k, attn.scaling)
+        return out, cache, ctx
+
+    def _drop(self, ws: WorkingSet, layer: int, attn_ctx, targets: list[int]) -> WorkingSet:
+        scorer = self.recipe.prune.scorer
+        if scorer not in SCORERS:
+            raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside the decoder")
+        if attn_ctx is None:
+            q = k = ws.hidden.new_zeros(ws.hidden.shape[0], 1, ws.hidden.shape[1], 1)
+            scaling = 1.0
+        else:
+            q, k, scaling = attn_ctx
+        ctx = ScoreContext(layer=layer, query=q, key=k, scaling=scaling, valid=ws.valid, visual=ws.visual,
+                           text_after=ws.text_after, positions=ws.positions, seed=self.recipe.prune.seed, chunk=self.score_chunk)
+        scores = SCORERS[scorer](ctx)
+        keep_visual = select_visual(scores, ws.visual, targets)
+        return ws.select(ws.valid & (~ws.visual | keep_visual))
+
+    def _trim(self, tokens: torch.Tensor) -> list[list[int]]:
+        """Cut each row after its first end-of-sequence token (which is kept)."""
+        out = []
+        for row in tokens.tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if t in self.adapter.eos_token_ids), len(row))
+            out.append(row[:cut])
+        return out
+
+
+def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+            gen: torch.Generator) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature is {temperature}; expected > 0 when sampling")
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(logits.device)
