@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from edge_prune.errors import RecipeError
+from edge_prune.errors import InputError, RecipeError
 from edge_prune.models.adapter import ImageInput, LlavaAdapter, PreparedBatch
 from edge_prune.recipe import Recipe
 from edge_prune.scoring import SCORERS, ScoreContext, pool_visual, select_visual
@@ -147,7 +147,7 @@ class PrunedEngine:
             prompts = [prompts]
             images = None if images is None else [images]  # type: ignore[list-item]
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens is {max_new_tokens}; expected at least 1")
+            raise InputError(f"max_new_tokens is {max_new_tokens}; expected at least 1")
         batch = self.adapter.prepare(prompts, images)  # type: ignore[arg-type]
         start = time.perf_counter()
         pre = self.prefill(batch)
@@ -329,7 +329,7 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: in
     if not do_sample:
         return logits.argmax(-1)
     if temperature <= 0:
-        raise ValueError(f"temperature is {temperature}; expected > 0 when sampling")
+        raise InputError(f"temperature is {temperature}; expected > 0 when sampling")
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]

@@ -8,7 +8,6 @@ SwiGLU MLP). The engine then walks the decoder layers itself.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,47 +18,22 @@ import torch
 from PIL import Image
 
 from edge_prune.errors import InputError, ModelError
+from edge_prune.models.shapes import ModelShape, load_shape
 from edge_prune.recipe import ModelSignature
 
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
-SUPPORTED_DECODERS = ("llama", "mistral", "qwen2")
 IMAGE_PLACEHOLDER = "<image>"
 
 ImageInput = Image.Image | str | Path | np.ndarray
 
 
-def read_config(model_dir: str | Path) -> dict[str, Any]:
-    """Read and check config.json before any weights load, so bad input fails fast and clearly."""
+def check_model_dir(model_dir: str | Path) -> ModelShape:
+    """Check the directory and its config.json before any weights load, so bad input fails fast."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise ModelError(f"model directory not found: {model_dir}")
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir} is a file; pass the checkpoint directory that holds config.json")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise ModelError(
-            f"{model_dir} has no config.json; pass a Hugging Face checkpoint directory "
-            "(the one `save_pretrained` writes)"
-        )
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{config_path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-    architectures = config.get("architectures") or []
-    arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        found = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
-        raise ModelError(
-            f"{model_dir} holds {found}, which edge-prune does not support; supported "
-            f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    decoder = (config.get("text_config") or {}).get("model_type", "llama")
-    if decoder not in SUPPORTED_DECODERS:
-        raise ModelError(
-            f"{model_dir}: decoder model_type {decoder!r} is not supported; supported decoders: "
-            f"{', '.join(SUPPORTED_DECODERS)}"
-        )
-    return config
+    return load_shape(model_dir)
 
 
 @dataclass
@@ -83,12 +57,13 @@ class PreparedBatch:
 class LlavaAdapter:
     """One loaded LLaVA / LLaVA-NeXT checkpoint: processor, vision path, and decoder parts."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, model_dir: Path, config: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, processor: Any, model_dir: Path, shape: ModelShape):
         self.model = model
         self.processor = processor
         self.model_dir = model_dir
-        self.architecture = next(a for a in config["architectures"] if a in SUPPORTED_ARCHITECTURES)
-        self.is_next = self.architecture == "LlavaNextForConditionalGeneration"
+        self.shape = shape
+        self.architecture = shape.architecture
+        self.is_next = shape.is_llava_next
         cfg = model.config
         self.config = cfg
         self.text_config = cfg.text_config
@@ -115,7 +90,7 @@ class LlavaAdapter:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         model_dir = Path(model_dir)
-        config = read_config(model_dir)
+        shape = check_model_dir(model_dir)
         try:
             model = AutoModelForImageTextToText.from_pretrained(
                 model_dir, dtype=dtype, attn_implementation="sdpa", local_files_only=True
@@ -124,7 +99,7 @@ class LlavaAdapter:
         except (OSError, ValueError) as exc:
             raise ModelError(f"could not load the checkpoint in {model_dir}: {exc}") from exc
         model.to(device).eval()
-        return cls(model, processor, model_dir, config)
+        return cls(model, processor, model_dir, shape)
 
     @property
     def device(self) -> torch.device:
@@ -134,24 +109,8 @@ class LlavaAdapter:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    @property
-    def num_visual_tokens(self) -> int:
-        """Visual tokens of one base-resolution image (LLaVA-NeXT adds tiles per image)."""
-        grid = self.vision_config.image_size // self.vision_config.patch_size
-        extra = 1 if self.config.vision_feature_select_strategy == "full" else 0
-        return grid * grid + extra
-
     def signature(self) -> ModelSignature:
-        t = self.text_config
-        return ModelSignature(
-            architecture=self.architecture,
-            num_layers=t.num_hidden_layers,
-            hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size,
-            num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads or t.num_attention_heads,
-            num_visual_tokens=self.num_visual_tokens,
-        )
+        return self.shape.signature()
 
     # ---- request preparation ------------------------------------------------------------
     def format_prompt(self, prompt: str, with_image: bool) -> str:

@@ -1,0 +1,160 @@
+"""The `edge-prune` command line. Each subcommand is a thin layer over a library function.
+
+Bad input raises an EdgePruneError; main() prints it as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_prune.errors import EdgePruneError, InputError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# ---- inspect ------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from edge_prune.cost import parameter_count
+    from edge_prune.models.shapes import load_shape
+
+    shape = load_shape(args.path)
+    sig = shape.signature()
+    info = {
+        "path": str(args.path),
+        "architecture": shape.architecture,
+        "decoder": shape.text_model_type,
+        "signature": sig.__dict__,
+        "head_dim": shape.head_dim,
+        "vocab_size": shape.vocab_size,
+        "vision": {
+            "image_size": shape.vision.image_size,
+            "patch_size": shape.vision.patch_size,
+            "layers": shape.vision.num_layers,
+            "hidden_size": shape.vision.hidden_size,
+        },
+        "parameters": {
+            "language_model": parameter_count(shape, "language_model"),
+            "vision_and_projector": parameter_count(shape, "vision"),
+            "total": parameter_count(shape),
+        },
+    }
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{info['path']}: {shape.architecture} with a {shape.text_model_type} decoder")
+    print(f"  decoder: {sig.num_layers} layers, hidden {sig.hidden_size}, MLP {sig.intermediate_size}, "
+          f"{sig.num_attention_heads} heads ({sig.num_key_value_heads} KV), vocab {shape.vocab_size}")
+    v = info["vision"]
+    print(f"  vision:  {v['layers']} layers, hidden {v['hidden_size']}, {v['image_size']} px / patch "
+          f"{v['patch_size']} -> {sig.num_visual_tokens} visual tokens per base image")
+    p = info["parameters"]
+    print(f"  params:  {p['total'] / 1e6:.2f} M ({p['language_model'] / 1e6:.2f} M language model)")
+    return 0
+
+
+# ---- cost ---------------------------------------------------------------------------------
+def cmd_cost(args: argparse.Namespace) -> int:
+    from edge_prune.cost import estimate, format_report
+    from edge_prune.models.shapes import load_shape
+    from edge_prune.recipe import Recipe
+
+    shape = load_shape(args.path)
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe.identity(shape.signature())
+    if args.text_tokens < 0:
+        raise InputError(f"--text-tokens is {args.text_tokens}; expected 0 or more")
+    report = estimate(shape, recipe, accounting=args.accounting, text_tokens=args.text_tokens,
+                      kv_dtype=args.kv_dtype)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(format_report(report))
+    return 0
+
+
+# ---- run ----------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_prune.engine import PrunedEngine
+
+    engine = PrunedEngine.load(args.model, recipe=args.recipe, device=args.device)
+    image = None if args.image is None else Path(args.image)
+    result = engine.generate(args.prompt, image, max_new_tokens=args.max_new_tokens,
+                             do_sample=args.sample, temperature=args.temperature, seed=args.seed)
+    kept = result.kept[0]
+    if args.json:
+        _print_json({"text": result.text, "tokens": result.tokens[0], "kept": kept.__dict__,
+                     "timings": result.timings.__dict__})
+        return 0
+    print(result.text)
+    t = result.timings
+    print(f"[visual tokens {kept.visual_tokens} -> {kept.per_layer[-1] if kept.per_layer else 0} "
+          f"after the last layer; vision {t.vision_ms:.1f} ms, prefill {t.prefill_ms:.1f} ms, "
+          f"TTFT {t.ttft_ms:.1f} ms, decode {t.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+# ---- bench --------------------------------------------------------------------------------
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from edge_prune.bench.train import main as train_main
+
+    return int(train_main(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-prune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="describe a LLaVA checkpoint (or its config.json)")
+    p.add_argument("path", help="checkpoint directory or config.json")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("cost", help="FLOPs, KV-cache and weight bytes of a recipe, from the config alone")
+    p.add_argument("path", help="checkpoint directory or config.json")
+    p.add_argument("--recipe", help="recipe.json (default: keep everything)")
+    p.add_argument("--accounting", choices=("exact", "fastv", "fitprune"), default="exact")
+    p.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens besides the image")
+    p.add_argument("--kv-dtype", default="fp16")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("run", help="answer one prompt about one image, optionally under a recipe")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--recipe")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="the synthetic VQA benchmark")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    b = bench.add_parser("train", help="train the benchmark model (options: edge-prune bench train -- --help)",
+                         add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgePruneError as exc:
+        print(f"edge-prune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
