@@ -100,6 +100,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- baseline -----------------------------------------------------------------------------
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from edge_prune.fit.baselines import baseline_recipe
+    from edge_prune.models.shapes import load_shape
+
+    shape = load_shape(args.path)
+    recipe = baseline_recipe(shape, args.method, args.flops_reduction, k=args.k, accounting=args.accounting,
+                             text_tokens=args.text_tokens, seed=args.seed)
+    recipe.save(args.output)
+    p = recipe.provenance
+    print(f"wrote {args.output}: {args.method} keeps {p['visual_tokens_kept']} of {shape.num_visual_tokens} "
+          f"visual tokens, predicted reduction {p['predicted_flops_reduction']:.1%} ({args.accounting})")
+    return 0
+
+
+# ---- eval ---------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edge_prune.bench.evaluate import check_request, evaluate, format_result
+
+    check_request(args.split, args.n, args.family)
+    result = evaluate(args.model, recipe=args.recipe, split=args.split, n=args.n, families=args.family,
+                      batch_size=args.batch_size, ablate_visual=args.ablate_visual, progress=not args.json)
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(format_result(result))
+    return 0
+
+
 # ---- bench --------------------------------------------------------------------------------
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from edge_prune.bench.train import main as train_main
@@ -138,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("baseline", help="a baseline recipe (fastv, random, pool) at a FLOPs-reduction budget")
+    p.add_argument("path", help="checkpoint directory or config.json")
+    p.add_argument("--method", choices=("fastv", "random", "pool"), required=True)
+    p.add_argument("--flops-reduction", type=float, required=True, help="e.g. 0.6 for 60%% fewer prefill FLOPs")
+    p.add_argument("--k", type=int, default=2, help="FastV's K: tokens drop after layer K-1's attention")
+    p.add_argument("--accounting", choices=("exact", "fastv", "fitprune"), default="exact")
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="random scorer seed")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("eval", help="accuracy per family, FLOPs and prefill time on the synthetic benchmark")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--recipe")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--family", action="append", help="restrict to a question family (repeatable)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ablate-visual", choices=("mean",), help="replace visual tokens by their mean")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("bench", help="the synthetic VQA benchmark")
     bench = p.add_subparsers(dest="bench_command", required=True)
     b = bench.add_parser("train", help="train the benchmark model (options: edge-prune bench train -- --help)",
@@ -147,13 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """transformers' per-load progress bars and hub warnings are noise in a CLI that never downloads."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except EdgePruneError as exc:
         print(f"edge-prune: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

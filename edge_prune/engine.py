@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ class GenerationResult:
     kept: list[KeptTokens]
     timings: Timings
     first_logits: torch.Tensor  # [B, vocab] logits of the prefill's last position
+    prompt_lengths: list[int] = field(default_factory=list)  # prompt tokens per request, image included
 
     @property
     def text(self) -> str:
@@ -114,6 +115,8 @@ class PrunedEngine:
         recipe.check_model(signature)
         self.recipe = recipe
         self.score_chunk = score_chunk
+        # Optional f(features, visual_counts_per_request) -> features, for ablations.
+        self.feature_hook: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
         self.skip = set(recipe.skip_attention)
         for i, (before, after) in enumerate(zip([recipe.prune.keep_input, *recipe.prune.keep_after],
                                                  recipe.prune.keep_after)):
@@ -179,12 +182,16 @@ class PrunedEngine:
         return GenerationResult(
             texts=[tok.decode(t, skip_special_tokens=True).strip() for t in tokens],
             tokens=tokens, kept=pre.kept, timings=timings, first_logits=pre.logits,
+            prompt_lengths=batch.attention_mask.sum(1).tolist(),
         )
 
     @torch.no_grad()
     def prefill(self, batch: PreparedBatch) -> PrefillOutput:
         t0 = time.perf_counter()
         features = self.adapter.image_features(batch)
+        if features is not None and self.feature_hook is not None:
+            counts = (batch.input_ids == self.adapter.image_token_id).sum(1).tolist()
+            features = self.feature_hook(features, counts)
         t1 = time.perf_counter()
         embeds, visual = self.adapter.embed(batch, features)
         ws = self._initial_working_set(embeds, visual, batch.attention_mask.bool())

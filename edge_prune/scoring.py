@@ -7,6 +7,7 @@ layer's own output still comes from fused SDPA.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,20 +108,32 @@ def select_visual(scores: torch.Tensor, visual: torch.Tensor, counts: list[int])
     return keep & visual
 
 
+def pool_grid(n: int, target: int) -> tuple[int, int] | None:
+    """(rows, cols) for pooling a square n-token grid to `target` tokens, if a near-square grid fits."""
+    side = math.isqrt(n)
+    rows = math.isqrt(target)
+    if side * side != n or rows == 0:
+        return None
+    for cols in (rows, rows + 1):
+        if rows * cols == target and cols <= side:
+            return rows, cols
+    return None
+
+
 def pool_visual(features: torch.Tensor, target: int) -> torch.Tensor:
     """Spatial average pooling of one image's visual tokens ([n, d]) down to `target` tokens.
 
-    A square grid pooled to a square count uses 2-D pooling; anything else (LLaVA-NeXT's
-    packed tiles, non-square targets) pools along the token sequence.
+    A square grid pooled to a square or near-square (rows x rows+1) count uses 2-D adaptive
+    pooling; anything else (LLaVA-NeXT's packed tiles) pools along the token sequence.
     """
     n, d = features.shape
     if target >= n:
         return features
-    side, t_side = int(round(n**0.5)), int(round(target**0.5))
     x = features.float().T[None]  # [1, d, n]
-    if side * side == n and t_side * t_side == target:
-        grid = x.reshape(1, d, side, side)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(grid, t_side).reshape(d, target)
+    grid = pool_grid(n, target)
+    if grid is not None:
+        side = math.isqrt(n)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.reshape(1, d, side, side), grid).reshape(d, target)
     else:
         pooled = torch.nn.functional.adaptive_avg_pool1d(x, target)[0]
     return pooled.T.to(features.dtype)
