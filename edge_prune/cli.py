@@ -115,6 +115,39 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- fit ----------------------------------------------------------------------------------
+def cmd_fit(args: argparse.Namespace) -> int:
+    from edge_prune.engine import PrunedEngine
+    from edge_prune.fit.calibration import load_calibration
+    from edge_prune.fit.distributed import Dist
+    from edge_prune.fit.fitprune import FitPruneFitter
+
+    dist = Dist.from_env(args.device)
+    try:
+        engine = PrunedEngine.load(args.model, device=args.device)
+        calibration = load_calibration(args.calib, args.n, warn=dist.rank == 0)
+        fitter = FitPruneFitter(engine, calibration, args.flops_reduction, accounting=args.accounting,
+                                batch_size=args.batch_size, dist=dist, progress=not args.json)
+        result = fitter.fit()
+        if dist.rank == 0:
+            result.recipe.save(args.output)
+            summary = {"recipe": str(args.output), "alpha": result.alpha,
+                       "predicted_flops_reduction": result.predicted_reduction, "accounting": args.accounting,
+                       "keep_after": result.recipe.prune.keep_after, "seconds": result.seconds,
+                       "calibration_samples": len(calibration.samples), "skipped_records": calibration.skipped,
+                       "world_size": dist.world_size}
+            if args.json:
+                _print_json(summary)
+            else:
+                counts = result.recipe.keep_counts(engine.adapter.signature().num_visual_tokens)
+                print(f"wrote {args.output}: alpha {result.alpha:.4f}, predicted reduction "
+                      f"{result.predicted_reduction:.1%} ({args.accounting}), visual tokens after each layer "
+                      f"{counts}, {result.seconds:.1f} s")
+    finally:
+        dist.close()
+    return 0
+
+
 # ---- eval ---------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from edge_prune.bench.evaluate import check_request, evaluate, format_result
@@ -177,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random scorer seed")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("fit", help="fit a pruning recipe on calibration data under a FLOPs budget")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--method", choices=("fitprune",), default="fitprune")
+    p.add_argument("--flops-reduction", type=float, required=True)
+    p.add_argument("--accounting", choices=("exact", "fastv", "fitprune"), default="exact")
+    p.add_argument("--calib", required=True, help="JSONL of {image, prompt} records, or 'bench:calib'")
+    p.add_argument("--n", type=int, default=64, help="calibration samples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="accuracy per family, FLOPs and prefill time on the synthetic benchmark")
     p.add_argument("model", help="checkpoint directory")

@@ -194,7 +194,7 @@ class PrunedEngine:
             features = self.feature_hook(features, counts)
         t1 = time.perf_counter()
         embeds, visual = self.adapter.embed(batch, features)
-        ws = self._initial_working_set(embeds, visual, batch.attention_mask.bool())
+        ws = self.initial_working_set(embeds, visual, batch.attention_mask.bool())
         n_visual = visual.sum(1).tolist()
         entered = ws.visual.sum(1).tolist()
         counts = [self.recipe.keep_counts(n) for n in n_visual]
@@ -205,7 +205,7 @@ class PrunedEngine:
                 caches.append(None)
                 attn_ctx = None
             else:
-                attn_out, cache, attn_ctx = self._attention(layer, ws)
+                attn_out, cache, attn_ctx = self.attend(layer, ws)
                 caches.append(cache)
                 ws.hidden = residual + attn_out
             targets = [c[i] for c in counts]
@@ -248,7 +248,7 @@ class PrunedEngine:
         return self.adapter.lm_head(self.adapter.final_norm(h[:, -1])).float()
 
     # ---- internals --------------------------------------------------------------------------
-    def _initial_working_set(self, embeds: torch.Tensor, visual: torch.Tensor,
+    def initial_working_set(self, embeds: torch.Tensor, visual: torch.Tensor,
                              attention_mask: torch.Tensor) -> WorkingSet:
         """Drop padding, apply input-level pooling, and pack every sample to the left."""
         rows = []
@@ -288,7 +288,8 @@ class PrunedEngine:
         q, k = self.adapter.apply_rotary(q, k, cos, sin)
         return q, k, v
 
-    def _attention(self, layer: torch.nn.Module, ws: WorkingSet):
+    def attend(self, layer: torch.nn.Module, ws: WorkingSet):
+        """Layer attention over the working set: (output, the layer's KV cache, (q, k, scaling) for scorers)."""
         attn = layer.self_attn
         x = layer.input_layernorm(ws.hidden)
         q, k, v = self._qkv(layer, x, ws.positions)

@@ -53,8 +53,12 @@ def fastv_scores(ctx: ScoreContext) -> torch.Tensor:
     return probs.mean(dim=1)[:, 0]
 
 
-def fitprune_scores(ctx: ScoreContext) -> torch.Tensor:
-    """FitPrune: cross (text-after-image -> token) x self (visual -> token, / n_visual), head-max. [B, T]"""
+def fitprune_components(ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """FitPrune's per-token attention mass, head-max: (cross, self), each [B, T].
+
+    cross = attention a token receives from the text after the image, per such text row;
+    self = attention it receives from the visual tokens, per visual token.
+    """
     b, _, t, _ = ctx.query.shape
     cross = torch.zeros(b, t, device=ctx.query.device)
     self_ = torch.zeros(b, t, device=ctx.query.device)
@@ -70,10 +74,16 @@ def fitprune_scores(ctx: ScoreContext) -> torch.Tensor:
         head_max = attention_rows(ctx, rows).amax(dim=1)  # [B, c, T]
         cross += (head_max * cross_rows[:, sl, None]).sum(1)
         self_ += (head_max * self_rows[:, sl, None]).sum(1)
-    n_visual = self_rows.sum(1, keepdim=True).clamp(min=1)
-    self_ = self_ / n_visual
+    cross = cross / cross_rows.sum(1, keepdim=True).clamp(min=1)
+    self_ = self_ / self_rows.sum(1, keepdim=True).clamp(min=1)
+    return cross, self_
+
+
+def fitprune_scores(ctx: ScoreContext) -> torch.Tensor:
+    """FitPrune's inference score: cross x self. [B, T]"""
+    cross, self_ = fitprune_components(ctx)
     # A prompt that ends with the image has no cross rows; fall back to the self score alone.
-    has_cross = cross_rows.any(1, keepdim=True)
+    has_cross = (ctx.text_after & ctx.valid).any(1, keepdim=True)
     return torch.where(has_cross, cross * self_, self_)
 
 
