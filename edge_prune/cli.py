@@ -162,6 +162,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- profile ------------------------------------------------------------------------------
+def cmd_profile(args: argparse.Namespace) -> int:
+    from edge_prune.profile_job import format_result, run_profile
+
+    budgets = {"ttft_ms": args.ttft_ms, "decode_tok_s": args.decode_tok_s, "peak_rss_mb": args.peak_rss_mb}
+    result = run_profile(args.target, args.profile, recipe_path=args.recipe, config=args.config, runs=args.runs,
+                         warmup=args.warmup, quant=args.quant, text_tokens=args.text_tokens, report=args.report,
+                         eval_results=args.eval, image=args.image, prompt=args.prompt,
+                         budgets={k: v for k, v in budgets.items() if v is not None}, progress=not args.json)
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(format_result(result))
+    return result.verdict.exit_code
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from edge_prune.devices import all_profiles
+
+    profiles = all_profiles()
+    if args.json:
+        _print_json([{"name": p.name, "description": p.description, "kind": p.kind, "runtime": p.runtime,
+                      "backend": p.backend, "budget": p.budget.__dict__} for p in profiles])
+        return 0
+    print(f"{'name':<22} {'kind':<4} {'runtime/backend':<22} {'TTFT ms':>8} {'tok/s':>6} {'RSS MB':>7}  description")
+    for p in profiles:
+        b = p.budget
+        print(f"{p.name:<22} {p.kind:<4} {p.runtime + '/' + p.backend:<22} {b.ttft_ms:>8.0f} {b.decode_tok_s:>6.0f} "
+              f"{b.peak_rss_mb:>7.0f}  {p.description}")
+    return 0
+
+
 # ---- bench --------------------------------------------------------------------------------
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from edge_prune.bench.train import main as train_main
@@ -235,6 +267,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("profile", help="measure or predict latency and memory against a device profile's budgets")
+    p.add_argument("target", nargs="?", help="artifact directory, or checkpoint directory (eager engine)")
+    p.add_argument("--profile", required=True, help="profile name (see `edge-prune profiles`) or a TOML file")
+    p.add_argument("--config", help="predict only, from a config.json (e.g. a 7B checkpoint's)")
+    p.add_argument("--recipe", help="recipe for a checkpoint target or a --config prediction")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--quant", help="weight format for predictions (default: the artifact's, fp16 for --config)")
+    p.add_argument("--text-tokens", type=int, help="prompt text tokens for predictions")
+    p.add_argument("--image")
+    p.add_argument("--prompt")
+    p.add_argument("--ttft-ms", type=float, help="override the profile's TTFT budget")
+    p.add_argument("--decode-tok-s", type=float, help="override the profile's decode-speed budget")
+    p.add_argument("--peak-rss-mb", type=float, help="override the profile's memory budget")
+    p.add_argument("--eval", action="append", help="`edge-prune eval --json` output(s) for the accuracy plot")
+    p.add_argument("--report", help="write report.html (+ .json, .md beside it)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("profiles", help="list the shipped device profiles")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profiles)
+
     p = sub.add_parser("bench", help="the synthetic VQA benchmark")
     bench = p.add_subparsers(dest="bench_command", required=True)
     b = bench.add_parser("train", help="train the benchmark model (options: edge-prune bench train -- --help)",
@@ -251,6 +306,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
+    # torchao (pulled in by transformers' quantizer checks) warns about CUDA-only kernels on CPU machines.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,144 @@
+"""Latency and memory predicted from the cost model and a device profile.
+
+Assumptions (printed with every prediction): prefill is compute-bound (FLOPs / sustained FLOP/s for
+the compute dtype the runtime uses); decode is bandwidth-bound (every step streams the language
+model's weights and reads the KV cache); memory = weights + KV cache at the full context +
+the prefill's largest live activations + a fixed runtime overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from edge_prune.cost import estimate, kv_cache_bytes, token_schedule, weight_bytes
+from edge_prune.devices import Compute, DeviceProfile, Memory
+from edge_prune.models.shapes import ModelShape
+from edge_prune.recipe import Recipe
+
+MB = 1024 * 1024
+RUNTIME_OVERHEAD_MB = 150  # runtime library, tokenizer, allocator slack (rough, measured ExecuTorch/llama.cpp RSS)
+
+# artifact quant -> (weight format in the cost model, compute dtype on a CPU/NPU)
+QUANT_FORMATS = {
+    "none": ("fp32", "fp32"), "fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "f16": ("fp16", "fp16"),
+    "int8": ("int8", "fp32"), "8da4w": ("8da4w", "int8"),
+    "q8_0": ("q8_0", "int8"), "q4_0": ("q4_0", "int8"), "q4_k_m": ("q4_k_m", "int8"),
+}
+
+
+@dataclass
+class Prediction:
+    vision_ms: float
+    prefill_ms: float  # decoder prefill
+    ttft_ms: float
+    decode_tok_s: float
+    memory_mb: dict[str, float]  # weights, kv_cache, activations, runtime, total
+    artifact_mb: float
+    compute_dtype: str
+    weight_format: str
+    sustained_tflops: float
+    sustained_bandwidth_gbs: float
+    flops: dict[str, float]
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quant_formats(quant: str, profile: DeviceProfile) -> tuple[str, str]:
+    if quant not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization {quant!r}; expected one of {', '.join(QUANT_FORMATS)}")
+    weights, dtype = QUANT_FORMATS[quant]
+    if profile.kind == "gpu" and dtype == "int8":
+        dtype = "fp16"  # GPU kernels dequantize to fp16 and multiply there
+    return weights, dtype
+
+
+def predict(shape: ModelShape, recipe: Recipe | None, profile: DeviceProfile, quant: str = "fp16",
+            text_tokens: int = 64, new_tokens: int = 32) -> Prediction:
+    """Predicted vision/prefill/TTFT/decode and peak memory of one request on `profile`."""
+    weight_format, dtype = quant_formats(quant, profile)
+    cost = estimate(shape, recipe, accounting="exact", text_tokens=text_tokens)
+    parts = cost.pruned_breakdown
+    flops_per_s = profile.compute.achieved_flops(dtype)
+    vision_ms = (parts["vision_tower"] + parts["projector"]) / flops_per_s * 1e3
+    prefill_ms = sum(v for k, v in parts.items() if k not in ("vision_tower", "projector")) / flops_per_s * 1e3
+    wb = weight_bytes(shape, weight_format)
+    sched = token_schedule(shape, recipe, text_tokens)
+    cache = sched.cache_lengths()
+    kv_dtype = "fp32" if dtype == "fp32" else "fp16"
+    kv_mid = kv_cache_bytes(shape, [c + new_tokens // 2 if c else 0 for c in cache], kv_dtype)
+    bandwidth = profile.memory.achieved_bytes_per_s
+    decode_tok_s = bandwidth / (wb.language_model + kv_mid)
+    kv_full = kv_cache_bytes(shape, [c + new_tokens if c else 0 for c in cache], kv_dtype)
+    act_bytes = 4 if dtype == "fp32" else 2
+    n_max = max(sched.attention_tokens(i) for i in range(shape.num_layers))
+    # Largest live prefill tensors: residual + normed input + q/k/v + the MLP's gate/up outputs.
+    activations = n_max * (3 * shape.hidden_size + shape.q_dim + 2 * shape.kv_dim
+                           + 2 * shape.intermediate_size) * act_bytes
+    memory = {"weights": wb.total / MB, "kv_cache": kv_full / MB, "activations": activations / MB,
+              "runtime": float(RUNTIME_OVERHEAD_MB)}
+    memory["total"] = sum(memory.values())
+    assumptions = [
+        f"prefill compute-bound at {flops_per_s / 1e12:.3g} TFLOP/s sustained ({dtype}, "
+        f"{profile.compute.efficiency:.0%} of peak)",
+        f"decode bandwidth-bound at {bandwidth / 1e9:.3g} GB/s sustained: streams {wb.language_model / MB:.0f} MB "
+        f"of {weight_format} language-model weights + the KV cache per token",
+        f"memory = weights ({weight_format}) + {kv_dtype} KV cache at {text_tokens} text tokens + {new_tokens} new "
+        f"tokens + largest prefill activations + {RUNTIME_OVERHEAD_MB} MB runtime overhead",
+        f"{text_tokens} text tokens, {cost.visual_tokens} visual tokens per image, exact FLOPs accounting",
+    ]
+    return Prediction(
+        vision_ms=vision_ms, prefill_ms=prefill_ms, ttft_ms=vision_ms + prefill_ms, decode_tok_s=decode_tok_s,
+        memory_mb=memory, artifact_mb=wb.total / MB, compute_dtype=dtype, weight_format=weight_format,
+        sustained_tflops=flops_per_s / 1e12, sustained_bandwidth_gbs=bandwidth / 1e9,
+        flops={"vision": parts["vision_tower"] + parts["projector"], "prefill": cost.pruned_flops,
+               "baseline_prefill": cost.baseline_flops},
+        assumptions=assumptions,
+    )
+
+
+# ---- host calibration ----------------------------------------------------------------------------
+def calibrate_host(profile: DeviceProfile, shape: ModelShape, text_tokens: int = 64,
+                   seconds: float = 0.4) -> DeviceProfile:
+    """Measure this machine: GEMMs shaped like the model's own (tokens x hidden x intermediate) in the
+    framework the eager engine uses, and a large memory copy. Returns the profile with measured figures."""
+    n = shape.num_visual_tokens + text_tokens
+    d, m = shape.hidden_size, shape.intermediate_size
+    tflops = _matmul_probe(n, d, m, seconds) / 1e12
+    bandwidth = _copy_probe(seconds)
+    compute = Compute(fp32=tflops, fp16=tflops, int8=tflops, efficiency=1.0)
+    memory = Memory(bandwidth_gbs=bandwidth / 1e9, bandwidth_efficiency=1.0, ram_mb=profile.memory.ram_mb)
+    return replace(profile, compute=compute, memory=memory)
+
+
+def _matmul_probe(n: int, d: int, m: int, seconds: float) -> float:
+    try:
+        import torch
+
+        a, w1, w2 = torch.randn(n, d), torch.randn(d, m), torch.randn(m, d)
+        mm = torch.matmul
+    except ImportError:  # device side without torch: numpy's BLAS
+        a, w1, w2 = (np.random.rand(*s).astype(np.float32) for s in ((n, d), (d, m), (m, d)))
+        mm = np.matmul
+    mm(mm(a, w1), w2)  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        mm(mm(a, w1), w2)
+        done += 1
+    return done * 4 * n * d * m / (time.perf_counter() - start)
+
+
+def _copy_probe(seconds: float) -> float:
+    src = np.ones(64 * MB // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        np.copyto(dst, src)
+        done += 1
+    return done * 2 * src.nbytes / (time.perf_counter() - start)  # read + write

@@ -1,0 +1,1 @@
+"""Device profiles (TOML): hardware figures and the budgets the product must stay under."""

@@ -1,0 +1,124 @@
+"""Device profiles, predictions, budget verdicts (exit codes 0/1/2) and the profiling report."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from edge_prune.cli import main
+from edge_prune.devices import builtin_names, load_profile, parse_profile
+from edge_prune.errors import ProfileError
+
+LLAVA_7B = "tests/fixtures/llava-1.5-7b/config.json"
+SHIPPED = {"jetson-orin-nano-8gb", "jetson-agx-orin-64gb", "raspberry-pi-5", "snapdragon-8-gen-3", "pixel-8",
+           "iphone-15-pro", "host"}
+
+
+def test_every_shipped_profile_is_valid(capsys):
+    assert SHIPPED <= set(builtin_names())
+    for name in builtin_names():
+        p = load_profile(name)
+        assert p.name == name and p.budget.ttft_ms > 0 and p.memory.bandwidth_gbs > 0
+    assert main(["profiles"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in SHIPPED)
+
+
+def test_unknown_profile_lists_the_known_ones(capsys):
+    assert main(["profile", "--config", LLAVA_7B, "--profile", "toaster"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown profile 'toaster'" in err and "jetson-orin-nano-8gb" in err
+
+
+def test_malformed_toml_names_line_and_field(tmp_path, capsys):
+    text = load_profile("pixel-8").source
+    good = open("profiles/pixel-8.toml").read()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.replace("fp16 = 3.2", "fp16 = = 3.2"))
+    assert main(["profile", "--config", LLAVA_7B, "--profile", str(bad)]) == 2
+    assert re.search(r"malformed TOML: .*line \d+", capsys.readouterr().err)
+    with pytest.raises(ProfileError, match="field 'memory.bandwidth_gbs' is missing"):
+        parse_profile(good.replace("bandwidth_gbs = 68.0", ""), "x.toml")
+    assert text.endswith("pixel-8.toml")
+
+
+def test_budgets_must_be_positive(tmp_path, capsys):
+    good = open("profiles/pixel-8.toml").read()
+    with pytest.raises(ProfileError, match="budget 'ttft_ms' is -5; budgets must be numbers > 0"):
+        parse_profile(good.replace("ttft_ms = 2500", "ttft_ms = -5"), "x.toml")
+    assert main(["profile", "--config", LLAVA_7B, "--profile", "pixel-8", "--ttft-ms", "0"]) == 2
+    assert "budget 'ttft_ms' is 0.0" in capsys.readouterr().err
+
+
+def test_target_without_manifest_or_config(tmp_path, capsys):
+    assert main(["profile", str(tmp_path), "--profile", "host"]) == 2
+    assert "neither manifest.json" in capsys.readouterr().err
+
+
+def test_7b_prediction_on_jetson_with_and_without_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r60.json"
+    assert main(["baseline", LLAVA_7B, "--method", "fastv", "--flops-reduction", "0.6", "-o", str(recipe)]) == 0
+    capsys.readouterr()
+    out = {}
+    for name, extra in (("full", []), ("pruned", ["--recipe", str(recipe)])):
+        code = main(["profile", "--config", LLAVA_7B, "--profile", "jetson-orin-nano-8gb", "--quant", "q4_0",
+                     "--json", *extra])
+        out[name] = json.loads(capsys.readouterr().out)
+        assert code in (0, 1) and code == (0 if out[name]["verdict"]["passed"] else 1)
+    full, pruned = out["full"]["prediction"], out["pruned"]["prediction"]
+    assert set(full["memory_mb"]) == {"weights", "kv_cache", "activations", "runtime", "total"}
+    assert 3500 < full["memory_mb"]["weights"] < 4500  # 7B at ~4.5 bits/weight
+    assert pruned["memory_mb"]["kv_cache"] < full["memory_mb"]["kv_cache"]
+    assert pruned["prefill_ms"] < 0.5 * full["prefill_ms"] and pruned["ttft_ms"] < full["ttft_ms"]
+    assert all(c["source"] == "predicted" for c in out["full"]["verdict"]["checks"])
+
+
+def test_measured_profile_and_failing_budget_exit_code(tiny_llava_dir, images, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    images[0].save(image)
+    args = ["profile", str(tiny_llava_dir), "--profile", "host", "--runs", "3", "--warmup", "1",
+            "--image", str(image), "--prompt", "what colour?", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    m = out["measurement"]
+    assert m["runs"] == 3 and m["peak_rss_mb"] > 50 and m["stages"]["ttft_ms"]["median"] > 0
+    assert {c["source"] for c in out["verdict"]["checks"]} == {"measured"}
+    assert main([*args, "--ttft-ms", "0.001"]) == 1  # nothing answers in a microsecond
+    capsys.readouterr()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is installed by scripts/setup.sh; not found on PATH")
+def test_report_renders_in_headless_chromium(tiny_llava_dir, images, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    images[0].save(image)
+    evals = tmp_path / "evals.json"
+    evals.write_text(json.dumps([{"name": "unpruned", "accuracy": 0.95, "flops_reduction": 0.0},
+                                 {"name": "fastv-60", "accuracy": 0.90, "flops_reduction": 0.6}]))
+    report = tmp_path / "out" / "report.html"
+    main(["profile", str(tiny_llava_dir), "--profile", "host", "--runs", "2", "--warmup", "0", "--image",
+          str(image), "--prompt", "hi", "--report", str(report), "--eval", str(evals)])
+    capsys.readouterr()
+    assert report.is_file() and report.with_suffix(".json").is_file() and report.with_suffix(".md").is_file()
+    # Ask the browser which embedded plots actually decoded, by the image's alt text.
+    probe = tmp_path / "probe.html"
+    probe.write_text(report.read_text().replace(
+        "</body>", "<script>document.body.dataset.loaded=[...document.images].filter(i=>i.complete&&"
+                   "i.naturalWidth>100).map(i=>i.alt).join(',')</script></body>"))
+    profile_dir = tmp_path / "chrome"
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile_dir}", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    loaded = set(re.search(r'data-loaded="([^"]*)"', dom).group(1).split(","))
+    assert loaded == {"kept-per-layer", "latency-by-stage", "accuracy-vs-flops", "memory-over-time"}
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile_dir}", f"--screenshot={shot}",
+                    "--window-size=1200,1600", report.as_uri()], capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000
