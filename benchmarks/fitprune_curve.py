@@ -1,0 +1,143 @@
+"""Issue 4's figures: FitPrune on the benchmark model at 40-90% prefill-FLOPs reduction, against
+random / pool / FastV at the same FLOPs, fit time, and predicted-FLOPs == `edge-prune cost`.
+
+    .venv/bin/python benchmarks/fitprune_curve.py [--n 2100] [--n-curve 700]
+
+Writes benchmarks/results/fitprune.md/.json/.png and recipes under benchmarks/recipes/NAME/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from edge_prune.bench.sweep import SweepEntry, run_sweep, save_recipe, write_results  # noqa: E402
+from edge_prune.cost import estimate  # noqa: E402
+from edge_prune.engine import PrunedEngine  # noqa: E402
+from edge_prune.errors import RecipeError  # noqa: E402
+from edge_prune.fit.baselines import baseline_recipe  # noqa: E402
+from edge_prune.fit.calibration import load_calibration  # noqa: E402
+from edge_prune.fit.fitprune import FitPruneFitter  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+MODEL = ROOT / "models" / "toyvqa-llava"
+CURVE = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def fit(engine: PrunedEngine, calib, target: float, accounting: str = "exact"):
+    return FitPruneFitter(engine, calib, target, accounting=accounting, batch_size=16, progress=False).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=MODEL)
+    ap.add_argument("--n", type=int, default=2100, help="items for the 60%% comparison (>= 2000)")
+    ap.add_argument("--n-curve", type=int, default=700, help="items per curve point")
+    ap.add_argument("--calib", type=int, default=64)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    start = time.time()
+    engine = PrunedEngine.load(args.model)
+    shape = engine.adapter.shape
+    calib = load_calibration("bench:calib", args.calib)
+    notes = []
+
+    # Fit time: three fits of the 60% recipe with 64 samples (statistics + search), median.
+    times = []
+    for _ in range(3):
+        result = fit(engine, calib, 0.6)
+        times.append(result.seconds)
+    fit60 = result
+    notes.append(f"FitPrune fit at 60% with {args.calib} calibration samples: median {statistics.median(times):.1f} s "
+                 f"of 3 ({', '.join(f'{t:.1f}' for t in times)}), alpha {fit60.alpha:.4f}")
+
+    # Predicted FLOPs equal the cost model's under every accounting.
+    for accounting in ("exact", "fastv", "fitprune"):
+        res = fit60 if accounting == "exact" else fit(engine, calib, 0.6, accounting)
+        text = res.recipe.provenance["text_tokens"]
+        cost = estimate(shape, res.recipe, accounting=accounting, text_tokens=text).flops_reduction
+        same = cost == res.predicted_reduction
+        notes.append(f"accounting {accounting}: predicted {res.predicted_reduction:.6f}, `edge-prune cost` {cost:.6f} "
+                     f"-> {'equal' if same else 'DIFFERENT'}")
+        save_recipe(res.recipe, ROOT / "recipes", f"fitprune-60-{accounting}")
+
+    text = fit60.recipe.provenance["text_tokens"]
+    same_flops = [SweepEntry("unpruned", None), SweepEntry("fitprune-60", fit60.recipe, f"alpha {fit60.alpha:.3f}")]
+    save_recipe(fit60.recipe, ROOT / "recipes", "fitprune-60")
+    for method in ("random", "pool", "fastv"):
+        for k in (2, 1):
+            try:
+                recipe = baseline_recipe(shape, method, 0.6, k=k, text_tokens=text)
+            except RecipeError:
+                continue
+            save_recipe(recipe, ROOT / "recipes", f"{method}-60")
+            same_flops.append(SweepEntry(f"{method}-60", recipe, f"K={k}" if method != "pool" else ""))
+            break
+    rows60 = run_sweep(args.model, same_flops, n=args.n, engine=engine)
+
+    curve_entries = []
+    for target in CURVE:
+        res = fit60 if target == 0.6 else fit(engine, calib, target)
+        name = f"fitprune-{round(target * 100)}"
+        save_recipe(res.recipe, ROOT / "recipes", name)
+        curve_entries.append(SweepEntry(name, res.recipe, f"alpha {res.alpha:.3f}"))
+    curve = run_sweep(args.model, curve_entries, n=args.n_curve, engine=engine)
+
+    base = rows60[0]
+    notes.append(f"at 60%: FitPrune {rows60[1]['accuracy']:.2%} vs unpruned {base['accuracy']:.2%} "
+                 f"(drop {(base['accuracy'] - rows60[1]['accuracy']) * 100:.2f} points); "
+                 + ", ".join(f"{r['name']} {r['accuracy']:.2%}" for r in rows60[2:]))
+    header = ("# FitPrune on the benchmark model\n\n"
+              f"Test split; the 60% comparison uses n={args.n}, the curve n={args.n_curve} per point. "
+              "FLOPs: exact accounting unless noted. Command: `.venv/bin/python benchmarks/fitprune_curve.py`. "
+              f"Wall time {time.time() - start:.0f} s.\n\n" + "\n".join(f"- {n}" for n in notes)
+              + "\n\n## Same FLOPs (60%)\n")
+    write_results(rows60, ROOT / "results" / "fitprune.md", header, reference="unpruned")
+    md = ROOT / "results" / "fitprune.md"
+    from edge_prune.bench.sweep import markdown_table
+
+    md.write_text(md.read_text() + "\n## Curve\n\n" + markdown_table([base, *curve], reference="unpruned")
+                  + "\n![accuracy vs FLOPs](fitprune.png)\n")
+    (ROOT / "results" / "fitprune.json").write_text(json.dumps({"same_flops": rows60, "curve": curve, "notes": notes},
+                                                               indent=2))
+    plot(base, curve, rows60[2:], ROOT / "results" / "fitprune.png")
+    print(md.read_text())
+    return 0
+
+
+def plot(base, curve, baselines, path: Path) -> None:
+    baseline_rows = []
+    table = ROOT / "results" / "baselines.json"
+    if table.is_file():
+        baseline_rows = [r for r in json.loads(table.read_text()) if "-" in r["name"] and r["name"] != "mean-visual"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], None, "overall"), (axes[1], "position", "position family")):
+        get = (lambda r: r["accuracy"]) if key is None else (lambda r: r["per_family"][key])
+        ax.plot([r["flops_reduction"] * 100 for r in curve], [get(r) * 100 for r in curve], "o-", label="FitPrune")
+        for method, marker in (("random", "x"), ("pool", "s"), ("fastv", "^")):
+            pts = [r for r in baseline_rows if r["name"].startswith(method + "-")]
+            pts += [r for r in baselines if r["name"].startswith(method + "-")]
+            pts.sort(key=lambda r: r["flops_reduction"])
+            if pts:
+                ax.plot([r["flops_reduction"] * 100 for r in pts], [get(r) * 100 for r in pts], marker + "--",
+                        label=method, alpha=0.8)
+        ax.axhline(get(base) * 100, color="grey", linestyle=":", label="unpruned")
+        ax.set(xlabel="prefill FLOPs reduction (%, exact)", ylabel="accuracy (%)", title=title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
