@@ -29,6 +29,18 @@ Accountings (`recipe.ACCOUNTINGS`):
   papers' scale, not the exact accounting's; compare reductions across accountings, not totals.
   In all three the n^2 (or n(n+1)/2) term uses the attention part's n_in.
 
+Learned modules (exact accounting only; the paper accountings print no term for them):
+  * guides (LVPruning-style, at each layer where the schedule drops tokens): per guide, rank r, with
+    n_v visual tokens entering the drop and n_t text tokens: q over visual tokens n_v d r, k and v over
+    text 2 n_t d r, scores and context 2 n_v n_t r, output n_v r multiply-adds. n_t is `text_tokens`
+    (all prompt text), an upper bound: the guides attend to the text after the image only.
+  * exit router: per candidate layer it is evaluated at (every candidate up to and including the exit
+    layer, while the request still has visual tokens): 2d r + 2r multiply-adds.
+Exits are per request, so a recipe with an exit router is costed as an EXPECTATION: the mean over the
+exit-layer distribution (`exit.exit_rates`, measured on held-out calibration data when the router was
+fitted; the rest never exit), or over a distribution passed to `estimate` (e.g. one measured by
+`edge-prune eval`). Exiting after layer l = keep 0 visual tokens from layer l's MLP on (see recipe.py).
+
 Decode FLOPs (per new token, always the exact accounting, since the papers define prefill only):
 projections + MLP for one token, attention over (cache length + 1) keys in each non-skipped layer, and
 lm_head. KV bytes: per layer 2 x kv_heads x head_dim x (tokens its attention saw) x bytes/element.
@@ -40,7 +52,7 @@ for the supported checkpoints (none sets a window) and for any prompt shorter th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -62,7 +74,8 @@ KV_DTYPE_BITS: dict[str, Fraction] = {
 }
 
 # Prefill FLOPs broken down by where they are spent; the paper accountings leave the first two at 0.
-PARTS = ("vision_tower", "projector", "attention_projections", "attention_scores", "mlp", "lm_head")
+PARTS = ("vision_tower", "projector", "attention_projections", "attention_scores", "mlp", "lm_head", "guides",
+         "exit_router")
 
 # ---- weight formats ------------------------------------------------------------------------------
 WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "8da4w", "q8_0", "q4_0", "q4_k_m")
@@ -139,11 +152,20 @@ def token_schedule(
     pruning: Pruning = None,
     text_tokens: int = DEFAULT_TEXT_TOKENS,
     visual_tokens: int | None = None,
+    exit_layer: int | None = None,
 ) -> TokenSchedule:
     """Per-layer token counts for a recipe, a list of keep counts (visual tokens after each layer's
-    attention), or None (the unpruned model). A recipe is checked against the model first."""
+    attention), or None (the unpruned model). A recipe is checked against the model first.
+    `exit_layer`: a request that exits after that layer keeps no visual tokens from its MLP on."""
     if isinstance(pruning, TokenSchedule):
         return pruning
+    if exit_layer is not None:
+        full = token_schedule(shape, pruning, text_tokens, visual_tokens)
+        if not 0 <= exit_layer < full.num_layers:
+            raise ValueError(f"exit_layer {exit_layer} is not a decoder layer (0..{full.num_layers - 1})")
+        out = tuple(0 if i >= exit_layer else c for i, c in enumerate(full.visual_out))
+        return TokenSchedule(full.text_tokens, full.visual_tokens, (full.visual_in[0], *out[:-1]), out,
+                             full.skip_attention)
     if not isinstance(text_tokens, int) or isinstance(text_tokens, bool) or text_tokens < 0:
         raise ValueError(f"text_tokens must be a non-negative integer, got {text_tokens!r}")
     n_visual = shape.num_visual_tokens if visual_tokens is None else visual_tokens
@@ -193,11 +215,13 @@ def prefill_breakdown(
     text_tokens: int = DEFAULT_TEXT_TOKENS,
     accounting: str = "exact",
     image_hw: tuple[int, int] | None = None,
+    exit_layer: int | None = None,
 ) -> dict[str, int]:
-    """Prefill FLOPs per part (keys: PARTS) under one accounting; see the module docstring."""
+    """Prefill FLOPs per part (keys: PARTS) under one accounting; see the module docstring.
+    `exit_layer` costs a recipe's request that exits after that layer (None: it never exits)."""
     _check_choice("accounting", accounting, ACCOUNTINGS)
     crops, n_visual = image_plan(shape, image_hw)
-    sched = token_schedule(shape, pruning, text_tokens, n_visual)
+    sched = token_schedule(shape, pruning, text_tokens, n_visual, exit_layer)
     d, m = shape.hidden_size, shape.intermediate_size
     parts = dict.fromkeys(PARTS, 0)
     active = [i for i in range(sched.num_layers) if i not in sched.skip_attention]
@@ -219,6 +243,8 @@ def prefill_breakdown(
             parts["attention_scores"] += shape.q_dim * n * (n + 1)  # QK^T + AV, causal n(n+1)/2 each
         parts["mlp"] = sum(3 * sched.mlp_tokens(i) * d * m for i in range(sched.num_layers))
         parts["lm_head"] = d * shape.vocab_size
+        if isinstance(pruning, Recipe):
+            parts["guides"], parts["exit_router"] = _module_macs(shape, pruning, text_tokens, n_visual, exit_layer)
         return {k: 2 * value for k, value in parts.items()}  # FLOPs = 2 x multiply-adds
 
     visual_only = accounting == "fitprune"  # FitPrune counts visual tokens only, FastV all tokens
@@ -230,6 +256,40 @@ def prefill_breakdown(
         parts["attention_scores"] += 2 * n_in[i] * n_in[i] * d
     parts["mlp"] = sum(mlp_mats * n * d * m for n in n_out)
     return parts
+
+
+def _module_macs(shape: ModelShape, recipe: Recipe, text_tokens: int, n_visual: int,
+                 exit_layer: int | None) -> tuple[int, int]:
+    """Multiply-adds of the guides and the exit router for one request (module docstring)."""
+    d = shape.hidden_size
+    sched = token_schedule(shape, recipe, text_tokens, n_visual, exit_layer)
+    guides = 0
+    g = recipe.prune.guides
+    if g is not None:
+        r, n_t = g.rank, text_tokens
+        for layer in g.layers:
+            n_v = sched.visual_in[layer]
+            if sched.visual_out[layer] < n_v:  # the engine runs a guide only where it drops tokens
+                guides += n_v * d * r + 2 * n_t * d * r + 2 * n_v * n_t * r + n_v * r
+    router = 0
+    e = recipe.exit
+    if e is not None:
+        plain = token_schedule(shape, recipe, text_tokens, n_visual)
+        for layer in e.layers:
+            if exit_layer is not None and layer > exit_layer:
+                break
+            if plain.visual_out[layer] > 0 and text_tokens > 0:  # evaluated while visual tokens remain
+                router += 2 * d * e.rank + 2 * e.rank
+    return guides, router
+
+
+def exit_distribution(recipe: Recipe | None) -> dict[int | None, float]:
+    """The recipe's exit-layer distribution {layer or None (never exits): share}; {None: 1} without a router."""
+    if recipe is None or recipe.exit is None or not recipe.exit.exit_rates:
+        return {None: 1.0}
+    dist: dict[int | None, float] = {l: float(r) for l, r in zip(recipe.exit.layers, recipe.exit.exit_rates) if r > 0}
+    dist[None] = max(0.0, 1.0 - sum(dist.values()))
+    return dist
 
 
 def prefill_flops(
@@ -401,6 +461,9 @@ class CostReport:
     decode_flops_pruned: int
     tokens_per_layer: list[dict[str, Any]]
     weight_bytes: dict[str, WeightBytes] = field(default_factory=dict)
+    # With an exit router, pruned figures are means over this distribution: one entry per exit layer
+    # (None = no exit) with its share and that request's prefill FLOPs. Empty without a router.
+    exits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def flops_reduction(self) -> float:
@@ -431,10 +494,13 @@ def estimate(
     kv_dtype: str = DEFAULT_KV_DTYPE,
     image_hw: tuple[int, int] | None = None,
     weight_formats: Sequence[str] = WEIGHT_FORMATS,
+    exits: Mapping[int | None, float] | None = None,
 ) -> CostReport:
     """Cost a recipe (None = unpruned) on a model for one image + `text_tokens` prompt tokens.
 
     `image_hw` (original height, width) matters for LLaVA-NeXT only; see `image_plan`.
+    `exits` overrides the recipe's exit-layer distribution {layer or None: share} (shares are
+    normalised); with an exit router the pruned figures are expectations over it.
     Raises RecipeError if the recipe was fitted for another model.
     """
     _check_choice("accounting", accounting, ACCOUNTINGS)
@@ -443,7 +509,25 @@ def estimate(
     base = token_schedule(shape, None, text_tokens, n_visual)
     pruned = token_schedule(shape, recipe, text_tokens, n_visual)
     base_parts = prefill_breakdown(shape, base, text_tokens, accounting, image_hw)
-    pruned_parts = prefill_breakdown(shape, pruned, text_tokens, accounting, image_hw)
+    dist = dict(exits) if exits is not None else exit_distribution(recipe)
+    total = sum(dist.values())
+    if total <= 0 or any(p < 0 for p in dist.values()):
+        raise ValueError(f"exit distribution {dist} must hold non-negative shares with a positive sum")
+    dist = {k: v / total for k, v in dist.items() if v > 0}
+    pruned_parts = dict.fromkeys(PARTS, 0.0)
+    kv_pruned = decode_pruned = 0.0
+    exit_rows = []
+    for layer, share in sorted(dist.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        sched = token_schedule(shape, recipe, text_tokens, n_visual, layer)
+        parts = prefill_breakdown(shape, recipe if isinstance(recipe, Recipe) else sched, text_tokens, accounting,
+                                  image_hw, layer)
+        for k, v in parts.items():
+            pruned_parts[k] += share * v
+        kv_pruned += share * kv_cache_bytes(shape, sched.cache_lengths(), kv_dtype)
+        decode_pruned += share * decode_flops(shape, sched.cache_lengths(), sorted(sched.skip_attention))
+        exit_rows.append({"exit_layer": layer, "share": share, "prefill_flops": sum(parts.values())})
+    pruned_parts = {k: round(v) for k, v in pruned_parts.items()}
+    has_router = isinstance(recipe, Recipe) and recipe.exit is not None
     return CostReport(
         architecture=shape.architecture,
         accounting=accounting,
@@ -456,11 +540,12 @@ def estimate(
         pruned_breakdown=pruned_parts,
         kv_dtype=kv_dtype,
         kv_bytes_baseline=kv_cache_bytes(shape, base.cache_lengths(), kv_dtype),
-        kv_bytes_pruned=kv_cache_bytes(shape, pruned.cache_lengths(), kv_dtype),
+        kv_bytes_pruned=math.ceil(kv_pruned - 1e-9),
         decode_flops_baseline=decode_flops(shape, base.cache_lengths()),
-        decode_flops_pruned=decode_flops(shape, pruned.cache_lengths(), sorted(pruned.skip_attention)),
+        decode_flops_pruned=round(decode_pruned),
         tokens_per_layer=pruned.rows(),
         weight_bytes={fmt: weight_bytes(shape, fmt) for fmt in weight_formats},
+        exits=exit_rows if (has_router or exits is not None) else [],
     )
 
 
@@ -483,6 +568,11 @@ def format_report(report: CostReport) -> str:
         _row("decode FLOPs/token (exact)", r.decode_flops_baseline, r.decode_flops_pruned, _flops),
         _row(f"KV cache ({r.kv_dtype})", r.kv_bytes_baseline, r.kv_bytes_pruned, _bytes),
     ]
+    if r.exits:
+        lines += ["", "exit router: pruned figures are means over the exit-layer distribution"]
+        for row in r.exits:
+            where = "never exits" if row["exit_layer"] is None else f"exit after layer {row['exit_layer']}"
+            lines.append(f"  {where:<26}{row['share']:>7.1%}  prefill {_flops(row['prefill_flops'])}")
     if r.weight_bytes:
         lines += ["", f"{'weights':<10}{'language model':>16}{'vision+proj':>14}{'total':>12}"]
         for name, wb in r.weight_bytes.items():

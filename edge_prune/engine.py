@@ -5,6 +5,10 @@ cache holds exactly those; after that attention the recipe's scorer drops visual
 to round(keep_after[i] * n_visual); the MLP and every later layer see only the kept ones.
 Kept tokens keep their original position ids. Text tokens are never dropped.
 
+A recipe may carry learned modules (beside recipe.json): guides (scorer "guide") rank visual tokens
+from the question's text; an exit router decides per request, after a candidate layer l, to drop
+all of that request's visual tokens (its keep_after becomes 0 from layer l on).
+
 Internally every sample's tokens are packed to the left of a [B, T] working set (padding
 removed, order kept), with an explicit validity mask and explicit position ids, so samples of
 different prompt lengths and different visual-token counts can share one batch.
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from edge_prune.errors import InputError, RecipeError
 from edge_prune.models.adapter import ImageInput, LlavaAdapter, PreparedBatch
 from edge_prune.recipe import Recipe
-from edge_prune.scoring import SCORERS, ScoreContext, pool_visual, select_visual
+from edge_prune.scoring import SCORERS, ExitRouter, GuideSet, ScoreContext, pool_visual, select_visual
 
 ATTENTION_SCORERS = ("fastv", "fitprune")
 
@@ -107,7 +111,9 @@ class PrefillOutput:
 class PrunedEngine:
     """Runs a LLaVA checkpoint under a recipe. Without a recipe it is the unpruned model."""
 
-    def __init__(self, adapter: LlavaAdapter, recipe: Recipe | None = None, score_chunk: int = 64):
+    def __init__(self, adapter: LlavaAdapter, recipe: Recipe | None = None, score_chunk: int = 64,
+                 guides: GuideSet | None = None, router: ExitRouter | None = None):
+        """`guides`/`router` override the recipe's module files (fitters pass in-memory modules)."""
         self.adapter = adapter
         signature = adapter.signature()
         if recipe is None:
@@ -115,6 +121,19 @@ class PrunedEngine:
         recipe.check_model(signature)
         self.recipe = recipe
         self.score_chunk = score_chunk
+        self.guides: GuideSet | None = None
+        self.router: ExitRouter | None = None
+        g = recipe.prune.guides
+        if g is not None:
+            self.guides = guides if guides is not None else GuideSet.load(recipe.resolve(g.file), signature,
+                                                                          g.layers, g.rank)
+            self.guides.to(adapter.device).eval()
+        e = recipe.exit
+        if e is not None:
+            self.router = router if router is not None else ExitRouter.load(recipe.resolve(e.router), signature,
+                                                                           e.layers, e.rank)
+            self.router.to(adapter.device).eval()
+        self.exit_layers = set(e.layers) if e is not None else set()
         # Optional f(features, visual_counts_per_request) -> features, for ablations.
         self.feature_hook: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
         self.skip = set(recipe.skip_attention)
@@ -198,6 +217,7 @@ class PrunedEngine:
         n_visual = visual.sum(1).tolist()
         entered = ws.visual.sum(1).tolist()
         counts = [self.recipe.keep_counts(n) for n in n_visual]
+        exits: list[int | None] = [None] * len(n_visual)
         caches: list[LayerCache | None] = []
         for i, layer in enumerate(self.adapter.layers):
             residual = ws.hidden
@@ -212,6 +232,9 @@ class PrunedEngine:
             present = ws.visual.sum(1).tolist()
             if any(t < p for t, p in zip(targets, present)):
                 ws = self._drop(ws, i, attn_ctx, targets)
+            if i in self.exit_layers:
+                ws = self._mlp_and_exit(layer, i, ws, counts, exits)
+                continue
             residual = ws.hidden
             ws.hidden = residual + layer.mlp(layer.post_attention_layernorm(ws.hidden))
         last = ws.valid.long().sum(1) - 1
@@ -220,8 +243,8 @@ class PrunedEngine:
         t2 = time.perf_counter()
         next_positions = torch.stack([ws.positions[b, last[b]] for b in range(len(last))]) + 1
         kept = [
-            KeptTokens(visual_tokens=int(n), entered_decoder=int(e), per_layer=c)
-            for n, e, c in zip(n_visual, entered, counts)
+            KeptTokens(visual_tokens=int(n), entered_decoder=int(e), per_layer=c, exit_layer=x)
+            for n, e, c, x in zip(n_visual, entered, counts, exits)
         ]
         return PrefillOutput(logits, caches, next_positions, kept, (t1 - t0) * 1000, (t2 - t1) * 1000)
 
@@ -308,8 +331,49 @@ class PrunedEngine:
         ctx = (q, k, attn.scaling)
         return out, cache, ctx
 
+    def _mlp_and_exit(self, layer: torch.nn.Module, i: int, ws: WorkingSet, counts: list[list[int]],
+                      exits: list[int | None]) -> WorkingSet:
+        """Layer i's MLP with the exit decision folded in.
+
+        The router reads the text tokens' states at the layer's output. The MLP works per token, so
+        those states do not depend on the visual tokens' MLP: the text-after-image tokens go through
+        the MLP first, the router decides, and an exiting request's visual tokens skip this MLP and
+        every later layer (its keep count is 0 from layer i on).
+        """
+        norm, mlp = layer.post_attention_layernorm, layer.mlp
+        text = ws.text_after & ws.valid
+        present = (ws.visual & ws.valid).sum(1)
+        eligible = text.any(1) & (present > 0)
+        hidden = ws.hidden.clone()
+        if bool(text.any()):
+            hidden[text] = ws.hidden[text] + mlp(norm(ws.hidden[text]))
+        exiting = torch.zeros_like(eligible)
+        if bool(eligible.any()):
+            last = ws.valid.long().sum(1) - 1
+            bidx = torch.arange(hidden.shape[0], device=hidden.device)
+            feats = ExitRouter.features(hidden, text, hidden[bidx, last])
+            assert self.router is not None and self.recipe.exit is not None
+            prob = torch.sigmoid(self.router.logits(i, feats).float())
+            exiting = eligible & (prob >= self.recipe.exit.threshold)
+        keep = ws.valid & ~(ws.visual & exiting[:, None])
+        rest = keep & ~text
+        if bool(rest.any()):
+            hidden[rest] = ws.hidden[rest] + mlp(norm(ws.hidden[rest]))
+        ws.hidden = hidden
+        if not bool(exiting.any()):
+            return ws
+        for b in exiting.nonzero()[:, 0].tolist():
+            exits[b] = i
+            counts[b][i:] = [0] * (len(counts[b]) - i)
+        return ws.select(keep)
+
     def _drop(self, ws: WorkingSet, layer: int, attn_ctx, targets: list[int]) -> WorkingSet:
         scorer = self.recipe.prune.scorer
+        if scorer == "guide":
+            assert self.guides is not None
+            scores = self.guides.scores(layer, ws.hidden, ws.visual, ws.text_after & ws.valid)
+            keep_visual = select_visual(scores, ws.visual, targets)
+            return ws.select(ws.valid & (~ws.visual | keep_visual))
         if scorer not in SCORERS:
             raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside the decoder")
         if attn_ctx is None:

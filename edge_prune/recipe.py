@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ RECIPE_FORMAT = "edge-prune-recipe"
 RECIPE_VERSION = 1
 
 # Scorers the engine knows. "none" marks a recipe that never drops mid-network.
-SCORERS = ("none", "fitprune", "fastv", "random", "pool")
+SCORERS = ("none", "fitprune", "fastv", "random", "pool", "guide")
 ACCOUNTINGS = ("exact", "fastv", "fitprune")
 
 
@@ -47,6 +48,38 @@ class ModelSignature:
 
 
 @dataclass
+class GuideSpec:
+    """LVPruning-style guides: one small cross-attention scorer per layer where keep_after drops.
+
+    `file` is a safetensors file relative to the recipe's folder; `layers` are the layers that
+    drop tokens (a guide ranks the visual tokens after that layer's attention); `rank` is the
+    guides' inner width r, which the cost model needs without loading weights.
+    """
+
+    file: str
+    layers: list[int]
+    rank: int
+
+
+@dataclass
+class ExitSpec:
+    """DyVTE-style exit router: after candidate layer l, a request may drop all its visual tokens.
+
+    Exiting after layer l means keep_after[i] = 0 for i >= l for that request: layer l's attention
+    (and KV cache) saw the visual tokens, its MLP and every later layer do not. `threshold` is the
+    router probability at or above which a request exits (the first candidate layer that passes
+    wins). `exit_rates[j]` is the share of held-out calibration requests that exited after
+    `layers[j]`; the rest never exit. The cost model uses it for expected (mean) FLOPs.
+    """
+
+    router: str
+    layers: list[int]
+    threshold: float
+    rank: int
+    exit_rates: list[float] = field(default_factory=list)
+
+
+@dataclass
 class PruneSpec:
     """Which scorer ranks visual tokens and how many survive each layer.
 
@@ -61,6 +94,12 @@ class PruneSpec:
     keep_after: list[float] = field(default_factory=list)
     keep_input: float = 1.0
     seed: int = 0  # used by the random scorer only
+    guides: GuideSpec | None = None  # used by the guide scorer only
+
+    def drop_layers(self) -> list[int]:
+        """Layers after whose attention the schedule lowers the visual-token fraction."""
+        before = [self.keep_input, *self.keep_after[:-1]]
+        return [i for i, (b, a) in enumerate(zip(before, self.keep_after)) if a < b]
 
 
 @dataclass
@@ -73,12 +112,15 @@ class Budget:
 class Recipe:
     model: ModelSignature
     prune: PruneSpec
-    exit: dict[str, Any] | None = None
+    exit: ExitSpec | None = None
     skip_attention: list[int] = field(default_factory=list)
     budget: Budget = field(default_factory=Budget)
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = RECIPE_FORMAT
     version: int = RECIPE_VERSION
+    # Folder that module files (guides, router) are resolved against; set by load() and save().
+    # Not part of the JSON: learned files always live beside recipe.json.
+    base_dir: Path | None = field(default=None, compare=False, repr=False)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -104,7 +146,15 @@ class Recipe:
                 f"{RECIPE_VERSION}; re-fit the recipe or upgrade edge-prune"
             )
         model = _build(ModelSignature, data.get("model"), f"{source}: field 'model'")
-        prune = _build(PruneSpec, data.get("prune"), f"{source}: field 'prune'")
+        prune_data = data.get("prune")
+        guides_data = prune_data.get("guides") if isinstance(prune_data, dict) else None
+        if guides_data is not None:
+            prune_data = {**prune_data, "guides": None}
+        prune = _build(PruneSpec, prune_data, f"{source}: field 'prune'")
+        if guides_data is not None:
+            prune.guides = _build(GuideSpec, guides_data, f"{source}: field 'prune.guides'")
+        exit_data = data.get("exit")
+        exit_spec = None if exit_data is None else _build(ExitSpec, exit_data, f"{source}: field 'exit'")
         budget = _build(Budget, data.get("budget") or {}, f"{source}: field 'budget'")
         skip = data.get("skip_attention") or []
         provenance = data.get("provenance") or {}
@@ -113,7 +163,7 @@ class Recipe:
         recipe = cls(
             model=model,
             prune=prune,
-            exit=data.get("exit"),
+            exit=exit_spec,
             skip_attention=list(skip),
             budget=budget,
             provenance=provenance,
@@ -132,7 +182,10 @@ class Recipe:
             raise RecipeError(
                 f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
             ) from exc
-        return cls.from_dict(data, source=str(path))
+        recipe = cls.from_dict(data, source=str(path))
+        recipe.base_dir = path.parent
+        recipe.check_files(str(path))
+        return recipe
 
     # ---- output ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -141,27 +194,65 @@ class Recipe:
             "version": self.version,
             "model": asdict(self.model),
             "prune": asdict(self.prune),
-            "exit": self.exit,
+            "exit": None if self.exit is None else asdict(self.exit),
             "skip_attention": list(self.skip_attention),
             "budget": asdict(self.budget),
             "provenance": dict(self.provenance),
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Validate, then write atomically (temp file + rename) so a crash leaves no half recipe."""
+        """Validate, then write atomically (temp file + rename) so a crash leaves no half recipe.
+
+        Module files the recipe references are copied beside the new recipe.json when they live
+        elsewhere (e.g. a base recipe's guides reused under an exit router), so a recipe folder is
+        always self-contained. An unsaved recipe's files are expected beside the target already.
+        """
         self.validate("recipe")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for rel in self.module_files():
+            src, dst = (self.base_dir or path.parent) / rel, path.parent / rel
+            if not src.is_file():
+                raise RecipeError(f"recipe references {rel!r}, but {src} does not exist; write the module "
+                                  "file before saving the recipe")
+            if src.resolve() != dst.resolve():
+                _atomic_copy(src, dst)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(self.to_dict(), fh, indent=2)
                 fh.write("\n")
+            os.chmod(tmp, 0o644)  # mkstemp makes files private; recipes are shared
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self.base_dir = path.parent
         return path
+
+    # ---- module files ---------------------------------------------------------------------
+    def module_files(self) -> list[str]:
+        """Relative paths of the learned module files this recipe references."""
+        out = []
+        if self.prune.guides is not None:
+            out.append(self.prune.guides.file)
+        if self.exit is not None:
+            out.append(self.exit.router)
+        return out
+
+    def resolve(self, relative: str) -> Path:
+        """A module file's path: relative to the recipe's folder (the working directory if unsaved)."""
+        return (self.base_dir or Path(".")) / relative
+
+    def check_files(self, source: str = "recipe") -> None:
+        """Raise if a referenced module file is missing."""
+        for field_name, rel in (("prune.guides.file", self.prune.guides.file if self.prune.guides else None),
+                                ("exit.router", self.exit.router if self.exit else None)):
+            if rel is not None and not self.resolve(rel).is_file():
+                raise RecipeError(
+                    f"{source}: field '{field_name}' names {rel!r}, but {self.resolve(rel)} does not exist; "
+                    "learned module files must sit beside recipe.json (copy the whole recipe folder)"
+                )
 
     # ---- checks ---------------------------------------------------------------------
     def validate(self, source: str = "recipe") -> None:
@@ -212,11 +303,9 @@ class Recipe:
                     f"{source}: field 'skip_attention' holds {layer!r}, expected layer indices in "
                     f"[0, {m.num_layers - 1}]"
                 )
+        self._validate_guides(source)
         if self.exit is not None:
-            raise RecipeError(
-                f"{source}: field 'exit' is set, but this edge-prune version has no exit-router "
-                "support; set it to null or upgrade edge-prune"
-            )
+            self._validate_exit(source)
         if self.budget.accounting not in ACCOUNTINGS:
             raise RecipeError(
                 f"{source}: field 'budget.accounting' is {self.budget.accounting!r}, expected one "
@@ -225,6 +314,45 @@ class Recipe:
         fr = self.budget.flops_reduction
         if fr is not None and not (isinstance(fr, (int, float)) and 0.0 <= fr < 1.0):
             raise RecipeError(f"{source}: field 'budget.flops_reduction' is {fr!r}, expected a number in [0, 1)")
+
+    def _validate_guides(self, source: str) -> None:
+        p, g = self.prune, self.prune.guides
+        if p.scorer == "guide" and g is None:
+            raise RecipeError(f"{source}: field 'prune.scorer' is 'guide' but 'prune.guides' is null; "
+                              "fit guides with `edge-prune fit --method lvpruning`")
+        if g is None:
+            return
+        if p.scorer != "guide":
+            raise RecipeError(f"{source}: field 'prune.guides' is set but 'prune.scorer' is {p.scorer!r}; "
+                              "set the scorer to 'guide' or drop the guides")
+        _check_file_name(g.file, f"{source}: field 'prune.guides.file'")
+        _check_positive_int(g.rank, f"{source}: field 'prune.guides.rank'")
+        _check_layers(g.layers, self.model.num_layers, f"{source}: field 'prune.guides.layers'")
+        drops = p.drop_layers()
+        missing = [i for i in drops if i not in g.layers]
+        if missing:
+            raise RecipeError(f"{source}: keep_after drops tokens at layers {missing} but 'prune.guides.layers' "
+                              f"is {g.layers}; every layer that drops needs a guide")
+
+    def _validate_exit(self, source: str) -> None:
+        e, where = self.exit, f"{source}: field 'exit"
+        assert e is not None
+        _check_file_name(e.router, f"{where}.router'")
+        _check_positive_int(e.rank, f"{where}.rank'")
+        _check_layers(e.layers, self.model.num_layers, f"{where}.layers'")
+        if not e.layers:
+            raise RecipeError(f"{where}.layers' is empty; list the candidate exit layers")
+        t = e.threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 <= t <= 1.0:
+            raise RecipeError(f"{where}.threshold' is {t!r}, expected a probability in [0, 1]")
+        rates = e.exit_rates
+        if rates:
+            if len(rates) != len(e.layers):
+                raise RecipeError(f"{where}.exit_rates' has {len(rates)} entries, expected one per candidate "
+                                  f"layer ({len(e.layers)})")
+            if any(not isinstance(r, (int, float)) or isinstance(r, bool) or r < 0 for r in rates) or (
+                    sum(rates) > 1.0 + 1e-6):
+                raise RecipeError(f"{where}.exit_rates' is {rates}, expected non-negative shares summing to at most 1")
 
     def check_model(self, model: ModelSignature, source: str = "recipe") -> None:
         """Raise if this recipe was fitted for a different model."""
@@ -253,12 +381,44 @@ class Recipe:
     def is_identity(self) -> bool:
         return self.prune.keep_input >= 1.0 and all(k >= 1.0 for k in self.prune.keep_after) and not (
             self.skip_attention
-        )
+        ) and self.exit is None
 
 
 def keep_count(fraction: float, n_visual: int) -> int:
     """ARCHITECTURE.md: counts are round(fraction * n_visual) per image."""
     return int(round(fraction * n_visual))
+
+
+def _check_layers(layers: Any, num_layers: int, where: str) -> None:
+    if not isinstance(layers, list) or any(not isinstance(x, int) or isinstance(x, bool) for x in layers):
+        raise RecipeError(f"{where} is {layers!r}, expected a list of layer indices")
+    if any(not 0 <= x < num_layers for x in layers):
+        raise RecipeError(f"{where} is {layers}, expected layer indices in [0, {num_layers - 1}]")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise RecipeError(f"{where} is {layers}, expected strictly increasing layer indices")
+
+
+def _check_positive_int(value: Any, where: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise RecipeError(f"{where} is {value!r}, expected a positive integer")
+
+
+def _check_file_name(name: Any, where: str) -> None:
+    """Module files are plain names or sub-paths beside recipe.json, never absolute or above it."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise RecipeError(f"{where} is {name!r}, expected a file path relative to the recipe's folder")
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -7,10 +7,17 @@ layer's own output still comes from fused SDPA.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from edge_prune.errors import RecipeError
+from edge_prune.recipe import ModelSignature
 
 DEFAULT_CHUNK = 64
 
@@ -29,6 +36,7 @@ class ScoreContext:
     positions: torch.Tensor  # [B, T] original position ids
     seed: int = 0
     chunk: int = DEFAULT_CHUNK
+    hidden: torch.Tensor | None = None  # [B, T, d] states after the layer's attention (learned scorers)
 
 
 def attention_rows(ctx: ScoreContext, rows: torch.Tensor) -> torch.Tensor:
@@ -147,3 +155,219 @@ def pool_visual(features: torch.Tensor, target: int) -> torch.Tensor:
     else:
         pooled = torch.nn.functional.adaptive_avg_pool1d(x, target)[0]
     return pooled.T.to(features.dtype)
+
+
+# ---- learned modules: LVPruning-style guides and DyVTE-style exit routers --------------------------
+# Both read the decoder's hidden states through a parameter-free RMS normalisation (so they do not
+# depend on the scale of one checkpoint's residual stream) and live in safetensors beside recipe.json.
+
+GUIDES_FORMAT = "edge-prune-guides"
+ROUTER_FORMAT = "edge-prune-exit-router"
+MODULE_VERSION = "1"
+RMS_EPS = 1e-6
+
+
+def rms_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + RMS_EPS).to(x.dtype)
+
+
+class GuideSet(torch.nn.Module):
+    """One low-rank cross-attention guide per pruning layer: visual tokens query the prompt's text.
+
+    For a visual token with normalised state x and text states t_j: q = Wq x, k_j = Wk t_j,
+    v_j = Wv t_j (all rank r), c = softmax_j(q.k_j / sqrt r) v_j, score = w . gelu(q + c) + b.
+    Higher score = keep. Parameters per guide: 3 d r + r + 1.
+    """
+
+    def __init__(self, hidden_size: int, layers: list[int], rank: int):
+        super().__init__()
+        self.hidden_size, self.layers, self.rank = hidden_size, list(layers), rank
+        self.wq = torch.nn.Parameter(torch.empty(len(layers), rank, hidden_size))
+        self.wk = torch.nn.Parameter(torch.empty(len(layers), rank, hidden_size))
+        self.wv = torch.nn.Parameter(torch.empty(len(layers), rank, hidden_size))
+        self.w_out = torch.nn.Parameter(torch.empty(len(layers), rank))
+        self.b_out = torch.nn.Parameter(torch.zeros(len(layers)))
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for w in (self.wq, self.wk, self.wv):
+                w.copy_(torch.randn(w.shape, generator=gen) / self.hidden_size**0.5)
+            self.w_out.copy_(torch.randn(self.w_out.shape, generator=gen) / self.rank**0.5)
+            self.b_out.zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def scores(self, layer: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Keep scores [B, T] at decoder layer `layer` (meaningful on visual tokens only).
+
+        hidden: [B, T, d] states after the layer's attention; text: [B, T] the prompt's text tokens
+        after the image (the question), which are the keys and values.
+        """
+        j = self.layers.index(layer)
+        x = rms_normalize(hidden).to(self.wq.dtype)
+        q = x @ self.wq[j].T  # [B, T, r]
+        k = x @ self.wk[j].T
+        v = x @ self.wv[j].T
+        logits = (q @ k.transpose(1, 2)) / self.rank**0.5  # [B, T(query), T(key)]
+        logits = logits.masked_fill(~text[:, None, :], float("-inf"))
+        has_text = text.any(1)[:, None, None]
+        attn = torch.softmax(torch.where(has_text, logits, torch.zeros_like(logits)), dim=-1)
+        context = torch.where(has_text, attn @ v, torch.zeros_like(q))
+        return torch.nn.functional.gelu(q + context) @ self.w_out[j] + self.b_out[j]
+
+    def save(self, path: str | Path, num_layers: int) -> Path:
+        tensors = {"wq": self.wq, "wk": self.wk, "wv": self.wv, "w_out": self.w_out, "b_out": self.b_out}
+        meta = {"format": GUIDES_FORMAT, "version": MODULE_VERSION, "hidden_size": str(self.hidden_size),
+                "num_layers": str(num_layers), "layers": json.dumps(self.layers), "rank": str(self.rank)}
+        return _save_safetensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, signature: ModelSignature, layers: list[int], rank: int) -> GuideSet:
+        """Load and check the guides against the model and the recipe (RecipeError naming the file)."""
+        tensors, meta = _load_safetensors(path, GUIDES_FORMAT, "guides", signature, layers, rank)
+        d, n = signature.hidden_size, len(layers)
+        module = cls(d, layers, rank)
+        expected = {"wq": (n, rank, d), "wk": (n, rank, d), "wv": (n, rank, d), "w_out": (n, rank), "b_out": (n,)}
+        _fill(module, tensors, expected, path, "guides")
+        return module
+
+
+class ExitRouter(torch.nn.Module):
+    """DyVTE's exit decision, made light: one shared low-rank MLP for every candidate layer.
+
+    Input (DyVTE): concat(mean state of the text tokens after the image, state of the last prompt
+    token) at the layer's output, each RMS-normalised. p_exit = sigmoid(w2 . gelu(W1 x + b1 + e_l) + c_l)
+    with a per-layer embedding e_l and bias c_l. Parameters: 2 d r + 2 r + n_layers (r + 1).
+    """
+
+    def __init__(self, hidden_size: int, layers: list[int], rank: int):
+        super().__init__()
+        self.hidden_size, self.layers, self.rank = hidden_size, list(layers), rank
+        self.w1 = torch.nn.Parameter(torch.empty(rank, 2 * hidden_size))
+        self.b1 = torch.nn.Parameter(torch.zeros(rank))
+        self.layer_embed = torch.nn.Parameter(torch.zeros(len(layers), rank))
+        self.w2 = torch.nn.Parameter(torch.empty(rank))
+        self.layer_bias = torch.nn.Parameter(torch.zeros(len(layers)))
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.w1.copy_(torch.randn(self.w1.shape, generator=gen) / (2 * self.hidden_size) ** 0.5)
+            self.w2.copy_(torch.randn(self.w2.shape, generator=gen) / self.rank**0.5)
+            for p in (self.b1, self.layer_embed, self.layer_bias):
+                p.zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @staticmethod
+    def features(text_states: torch.Tensor, text: torch.Tensor, last_state: torch.Tensor) -> torch.Tensor:
+        """[B, 2d] router input from [B, T, d] states, the [B, T] text-after-image mask and [B, d] last states."""
+        count = text.sum(1, keepdim=True).clamp(min=1).to(text_states.dtype)
+        mean = (text_states * text[..., None].to(text_states.dtype)).sum(1) / count
+        return torch.cat([rms_normalize(mean), rms_normalize(last_state)], dim=-1)
+
+    def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """[B] exit logits at decoder layer `layer` (one of self.layers)."""
+        j = self.layers.index(layer)
+        h = torch.nn.functional.gelu(features.to(self.w1.dtype) @ self.w1.T + self.b1 + self.layer_embed[j])
+        return h @ self.w2 + self.layer_bias[j]
+
+    def save(self, path: str | Path, num_layers: int) -> Path:
+        tensors = {"w1": self.w1, "b1": self.b1, "layer_embed": self.layer_embed, "w2": self.w2,
+                   "layer_bias": self.layer_bias}
+        meta = {"format": ROUTER_FORMAT, "version": MODULE_VERSION, "hidden_size": str(self.hidden_size),
+                "num_layers": str(num_layers), "layers": json.dumps(self.layers), "rank": str(self.rank)}
+        return _save_safetensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, signature: ModelSignature, layers: list[int], rank: int) -> ExitRouter:
+        """Load and check the router against the model and the recipe (RecipeError naming the file)."""
+        tensors, meta = _load_safetensors(path, ROUTER_FORMAT, "exit router", signature, layers, rank)
+        d, n = signature.hidden_size, len(layers)
+        module = cls(d, layers, rank)
+        expected = {"w1": (rank, 2 * d), "b1": (rank,), "layer_embed": (n, rank), "w2": (rank,), "layer_bias": (n,)}
+        _fill(module, tensors, expected, path, "exit router")
+        return module
+
+
+def guide_parameters(hidden_size: int, n_layers: int, rank: int) -> int:
+    return n_layers * (3 * hidden_size * rank + rank + 1)
+
+
+def router_parameters(hidden_size: int, n_layers: int, rank: int) -> int:
+    return 2 * hidden_size * rank + 2 * rank + n_layers * (rank + 1)
+
+
+def _save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """Write atomically (temp file + rename): a crash never leaves a half module file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _load_safetensors(path: str | Path, fmt: str, what: str, signature: ModelSignature, layers: list[int],
+                      rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise RecipeError(f"{path}: not a readable safetensors {what} file ({exc}); re-fit it or copy it "
+                          "again") from exc
+    if meta.get("format") != fmt:
+        raise RecipeError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {fmt!r}; this is not "
+                          f"an edge-prune {what} file")
+    try:
+        hidden, num_layers = int(meta["hidden_size"]), int(meta["num_layers"])
+        file_layers, file_rank = json.loads(meta["layers"]), int(meta["rank"])
+    except (KeyError, ValueError) as exc:
+        raise RecipeError(f"{path}: metadata is incomplete or malformed ({exc}); re-fit the {what}") from exc
+    problems = []
+    if hidden != signature.hidden_size:
+        problems.append(f"hidden size {hidden} (model has {signature.hidden_size})")
+    if num_layers != signature.num_layers:
+        problems.append(f"{num_layers} decoder layers (model has {signature.num_layers})")
+    if problems:
+        raise RecipeError(f"{path}: the {what} were trained for another model: {', '.join(problems)}; fit "
+                          f"them for this checkpoint with `edge-prune fit`")
+    if file_layers != list(layers) or file_rank != rank:
+        raise RecipeError(f"{path}: the {what} file holds layers {file_layers} at rank {file_rank}, but the "
+                          f"recipe expects layers {list(layers)} at rank {rank}; the recipe and the file do "
+                          "not belong together")
+    return tensors, meta
+
+
+def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+          path: str | Path, what: str) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise RecipeError(f"{path}: the {what} file lacks tensors {missing}; re-fit it")
+    with torch.no_grad():
+        for name, shape in expected.items():
+            t = tensors[name]
+            if tuple(t.shape) != shape:
+                raise RecipeError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape} for "
+                                  f"this model and recipe; re-fit the {what}")
+            if not torch.isfinite(t).all():
+                raise RecipeError(f"{path}: tensor {name!r} holds NaN or infinite values; re-fit the {what}")
+            getattr(module, name).copy_(t)

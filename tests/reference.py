@@ -44,17 +44,47 @@ def _scores(kind: str, probs: torch.Tensor, visual: torch.Tensor, text_after: to
     raise ValueError(kind)
 
 
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def _guide_scores(w: dict, j: int, rank: int, h: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """LVPruning-style guide from raw tensors: visual queries over the question's text. h: [T, d]."""
+    x = _rms(h)
+    q = x @ w["wq"][j].T
+    if not bool(text.any()):
+        ctx = torch.zeros_like(q)
+    else:
+        k, v = x[text] @ w["wk"][j].T, x[text] @ w["wv"][j].T
+        ctx = torch.softmax(q @ k.T / rank**0.5, -1) @ v
+    return torch.nn.functional.gelu(q + ctx) @ w["w_out"][j] + w["b_out"][j]
+
+
+def _router_prob(w: dict, j: int, h: torch.Tensor, text: torch.Tensor, last: int) -> float:
+    """DyVTE-style exit probability from raw tensors: [mean text state, last prompt state]."""
+    f = torch.cat([_rms(h[text].mean(0)), _rms(h[last])])
+    z = torch.nn.functional.gelu(w["w1"] @ f + w["b1"] + w["layer_embed"][j])
+    return float(torch.sigmoid(z @ w["w2"] + w["layer_bias"][j]))
+
+
 @torch.no_grad()
-def reference_logits(adapter: LlavaAdapter, recipe: Recipe, batch: PreparedBatch, steps: int = 1):
-    """Greedy-decode `steps` tokens by full recomputation; returns (list of [B, vocab] logits, alive per layer)."""
+def reference_logits(adapter: LlavaAdapter, recipe: Recipe, batch: PreparedBatch, steps: int = 1,
+                     guides: dict | None = None, router: dict | None = None, return_exits: bool = False):
+    """Greedy-decode `steps` tokens by full recomputation; returns (list of [B, vocab] logits, alive per layer).
+
+    `guides` / `router` are the raw tensors of the recipe's module files (safetensors.torch.load_file);
+    with return_exits the exit layer of every request is returned as a third value.
+    """
     feats = adapter.image_features(batch)
     embeds, visual_all = adapter.embed(batch, feats)
     out_logits = []
     tokens_so_far: list[list[int]] = [[] for _ in range(embeds.shape[0])]
     per_layer_alive = None
+    exits: list[int | None] = []
     for step in range(steps):
         logits_rows = []
         alive_rows = []
+        exits = []
         for b in range(embeds.shape[0]):
             real = batch.attention_mask[b].bool()
             e = embeds[b][real]
@@ -73,6 +103,7 @@ def reference_logits(adapter: LlavaAdapter, recipe: Recipe, batch: PreparedBatch
             counts = recipe.keep_counts(n_vis) if n_vis else [0] * adapter.num_layers
             alive = torch.ones(t, dtype=torch.bool)
             alive_log = []
+            exit_layer = None
             h = e[None]
             for i, layer in enumerate(adapter.layers):
                 attn = layer.self_attn
@@ -94,19 +125,34 @@ def reference_logits(adapter: LlavaAdapter, recipe: Recipe, batch: PreparedBatch
                 target = counts[i]
                 if target < int(present.sum()):
                     # Scores are computed from prompt-time attention, over the prompt only.
-                    sc = _scores(recipe.prune.scorer, probs[:, :n_prompt, :n_prompt], present[:n_prompt],
-                                 text_after[:n_prompt], alive[:n_prompt], recipe.prune.seed, i)
+                    if recipe.prune.scorer == "guide":
+                        g = recipe.prune.guides
+                        sc = _guide_scores(guides, g.layers.index(i), g.rank, h[0, :n_prompt], text_after[:n_prompt])
+                    else:
+                        sc = _scores(recipe.prune.scorer, probs[:, :n_prompt, :n_prompt], present[:n_prompt],
+                                     text_after[:n_prompt], alive[:n_prompt], recipe.prune.seed, i)
                     sc = sc.masked_fill(~present[:n_prompt], float("-inf"))
                     order = torch.sort(sc, descending=True, stable=True).indices
                     keep = torch.zeros(t, dtype=torch.bool)
                     keep[order[:target]] = True
                     alive = alive & (~vis | keep)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
+                e = recipe.exit
+                if (e is not None and i in e.layers and exit_layer is None and bool((alive & vis).any())
+                        and bool(text_after.any())):
+                    p = _router_prob(router, e.layers.index(i), h[0], text_after, n_prompt - 1)
+                    if p >= e.threshold:
+                        exit_layer = i
+                        alive = alive & ~vis
+                        counts = [c if k < i else 0 for k, c in enumerate(counts)]
             logits_rows.append(adapter.lm_head(adapter.final_norm(h[0, -1])).float())
             alive_rows.append(alive_log)
+            exits.append(exit_layer)
         logits = torch.stack(logits_rows)
         out_logits.append(logits)
         per_layer_alive = alive_rows
         for b, tok in enumerate(logits.argmax(-1).tolist()):
             tokens_so_far[b].append(tok)
+    if return_exits:
+        return out_logits, per_layer_alive, exits
     return out_logits, per_layer_alive

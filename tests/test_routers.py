@@ -1,0 +1,159 @@
+"""DyVTE-style exit routers: recipe contract, engine == slow reference in every composition, expected-FLOPs
+cost, bad files, and fitting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edge_prune.cost import estimate, prefill_breakdown, token_schedule
+from edge_prune.engine import PrunedEngine
+from edge_prune.errors import RecipeError
+from edge_prune.models.adapter import LlavaAdapter
+from edge_prune.recipe import ExitSpec, GuideSpec, PruneSpec, Recipe
+from edge_prune.scoring import ExitRouter, GuideSet
+from tests.conftest import PROMPTS
+from tests.reference import reference_logits
+
+EXIT_LAYERS = [0, 1, 2]
+RANK = 4
+
+
+def exit_recipe(adapter: LlavaAdapter, folder: Path, threshold: float, base: str = "none",
+                rates=(0.2, 0.1, 0.1)) -> Path:
+    """A random (untrained) router, optionally on a fitprune or guide schedule, saved beside a recipe."""
+    sig = adapter.signature()
+    router = ExitRouter(sig.hidden_size, EXIT_LAYERS, RANK)
+    router.reset_parameters(5)
+    with torch.no_grad():  # spread the layers' probabilities so thresholds pick different layers
+        router.layer_bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
+        router.b1.copy_(torch.linspace(-1, 1, RANK))
+    router.save(folder / "router.safetensors", sig.num_layers)
+    prune = PruneSpec(scorer="none", keep_after=[1.0] * 4)
+    if base == "fitprune":
+        prune = PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.5, 0.25])
+    elif base == "guide":
+        guides = GuideSet(sig.hidden_size, [1, 3], RANK)
+        guides.reset_parameters(3)
+        guides.save(folder / "guides.safetensors", sig.num_layers)
+        prune = PruneSpec(scorer="guide", keep_after=[1.0, 0.5, 0.5, 0.25],
+                          guides=GuideSpec("guides.safetensors", [1, 3], RANK))
+    recipe = Recipe(model=sig, prune=prune,
+                    exit=ExitSpec("router.safetensors", EXIT_LAYERS, threshold, RANK, list(rates)))
+    return recipe.save(folder / "recipe.json")
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_llava_dir):
+    return LlavaAdapter.load(tiny_llava_dir)
+
+
+@pytest.fixture(scope="module")
+def llava_next(tiny_next_dir):
+    return LlavaAdapter.load(tiny_next_dir)
+
+
+@pytest.mark.parametrize(("kind", "base"), [("llava", "none"), ("llava", "fitprune"), ("llava", "guide"),
+                                             ("llava_next", "guide")])
+def test_exits_match_slow_reference(base, kind, llava, llava_next, images, tmp_path):
+    adapter = llava if kind == "llava" else llava_next
+    batch = adapter.prepare(PROMPTS, images)
+    seen_exits = set()
+    thresholds = (0.0, 0.35, 0.5, 1.0) if kind == "llava" else (0.0, 0.5)
+    for threshold in thresholds:
+        path = exit_recipe(adapter, tmp_path, threshold, base)
+        recipe = Recipe.load(path)
+        engine = PrunedEngine(adapter, recipe)
+        guides = load_file(tmp_path / "guides.safetensors") if base == "guide" else None
+        ref, alive, exits = reference_logits(adapter, recipe, batch, steps=2, guides=guides,
+                                             router=load_file(tmp_path / "router.safetensors"), return_exits=True)
+        pre = engine.prefill(batch)
+        assert [k.exit_layer for k in pre.kept] == exits
+        seen_exits.update(exits)
+        assert (pre.logits - ref[0]).abs().max().item() <= 1e-4
+        token, pos = pre.logits.argmax(-1), pre.next_positions.clone()
+        for step in range(1, 2):
+            logits = engine.decode_step(pre.caches, token, pos)
+            pos += 1
+            assert (logits - ref[step]).abs().max().item() <= 1e-4
+            token = logits.argmax(-1)
+        for b, kept in enumerate(pre.kept):
+            assert alive[b] == [kept.visual_tokens, *kept.per_layer[:-1]]
+            if kept.exit_layer is not None:
+                assert kept.per_layer[kept.exit_layer:] == [0] * (4 - kept.exit_layer)
+    if kind == "llava":  # the thresholds gave early, late and no exits
+        assert {0, None} <= seen_exits and len(seen_exits) >= 3
+
+
+def test_layers_after_an_exit_hold_no_visual_tokens_in_their_kv_cache(llava, images, tmp_path):
+    engine = PrunedEngine(llava, Recipe.load(exit_recipe(llava, tmp_path, 0.0)))
+    batch = llava.prepare(PROMPTS[:1], images[:1])
+    pre = engine.prefill(batch)
+    assert pre.kept[0].exit_layer == 0
+    n_prompt = int(batch.attention_mask.sum())
+    lengths = [int(c.valid.sum()) for c in pre.caches]
+    assert lengths == [n_prompt] + [n_prompt - 64] * 3  # layer 0 saw the image, later layers none
+    out = engine.generate(PROMPTS[0], images[0], max_new_tokens=3)
+    assert out.kept[0].exit_layer == 0
+
+
+def test_recipe_exit_round_trip_and_validation(llava, tmp_path):
+    path = exit_recipe(llava, tmp_path, 0.5)
+    data = json.loads(path.read_text())
+    assert data["exit"] == {"router": "router.safetensors", "layers": EXIT_LAYERS, "threshold": 0.5, "rank": RANK,
+                            "exit_rates": [0.2, 0.1, 0.1]}
+    assert Recipe.load(path).to_dict() == data
+    cases = [
+        (lambda d: d["exit"].update(threshold=1.5), "'exit.threshold' is 1.5"),
+        (lambda d: d["exit"].update(layers=[0, 9]), r"'exit.layers' is \[0, 9\], expected layer indices in \[0, 3\]"),
+        (lambda d: d["exit"].update(exit_rates=[0.9, 0.9, 0.0]), "summing to at most 1"),
+        (lambda d: d["exit"].update(exit_rates=[0.1]), "has 1 entries, expected one per candidate layer"),
+        (lambda d: d["exit"].update(router="gone.safetensors"), "'exit.router' names 'gone.safetensors'"),
+        (lambda d: d["exit"].update(bogus=1), r"'exit' has unknown keys \['bogus'\]"),
+    ]
+    for mutate, message in cases:
+        bad = json.loads(json.dumps(data))
+        mutate(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(RecipeError, match=message):
+            Recipe.load(tmp_path / "bad.json")
+
+
+def test_router_file_that_does_not_match_the_model(llava, tmp_path):
+    path = exit_recipe(llava, tmp_path, 0.5)
+    sig = llava.signature()
+    ExitRouter(32, EXIT_LAYERS, RANK).save(tmp_path / "router.safetensors", sig.num_layers)
+    with pytest.raises(RecipeError, match=r"router.safetensors: the exit router were trained for another model: "
+                                          r"hidden size 32 \(model has 64\)"):
+        PrunedEngine(llava, Recipe.load(path))
+    ExitRouter(sig.hidden_size, [0, 1], RANK).save(tmp_path / "router.safetensors", sig.num_layers)
+    with pytest.raises(RecipeError, match=r"holds layers \[0, 1\] at rank 4, but the recipe expects layers \[0, 1, 2\]"):
+        PrunedEngine(llava, Recipe.load(path))
+    (tmp_path / "router.safetensors").write_bytes(b"garbage" * 4)
+    with pytest.raises(RecipeError, match="not a readable safetensors exit router file"):
+        PrunedEngine(llava, Recipe.load(path))
+
+
+def test_expected_flops_over_the_exit_distribution(llava, tmp_path):
+    recipe = Recipe.load(exit_recipe(llava, tmp_path, 0.5, base="fitprune"))
+    shape, text = llava.shape, 20
+    report = estimate(shape, recipe, text_tokens=text)
+    shares = {0: 0.2, 1: 0.1, 2: 0.1, None: 0.6}
+    per_exit = {l: sum(prefill_breakdown(shape, recipe, text, exit_layer=l).values()) for l in shares}
+    assert report.pruned_flops == pytest.approx(sum(s * per_exit[l] for l, s in shares.items()), abs=8)
+    assert [(r["exit_layer"], r["share"]) for r in report.exits] == [(0, 0.2), (1, 0.1), (2, 0.1), (None, 0.6)]
+    # An exit after layer 1 costs exactly the schedule with no visual tokens from layer 1's MLP on, plus the
+    # router at layers 0 and 1.
+    sched = token_schedule(shape, recipe, text, exit_layer=1)
+    assert sched.visual_in == (64, 64, 0, 0) and sched.visual_out == (64, 0, 0, 0)
+    plain = Recipe(model=recipe.model, prune=PruneSpec(scorer="fitprune", keep_after=[1.0, 0.0, 0.0, 0.0]))
+    router_flops = 2 * 2 * (2 * shape.hidden_size * RANK + 2 * RANK)
+    assert per_exit[1] == sum(prefill_breakdown(shape, plain, text).values()) + router_flops
+    # A measured distribution overrides the recipe's.
+    assert estimate(shape, recipe, text_tokens=text, exits={1: 1.0}).pruned_flops == per_exit[1]
+    assert estimate(shape, recipe, text_tokens=text, exits={None: 1.0}).pruned_flops == per_exit[None]
+    assert "exit after layer 0" in __import__("edge_prune.cost", fromlist=["format_report"]).format_report(report)
