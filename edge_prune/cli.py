@@ -122,6 +122,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from edge_prune.fit.distributed import Dist
     from edge_prune.fit.fitprune import FitPruneFitter
 
+    if args.method in ("lvpruning", "dyvte"):
+        from edge_prune.fit.commands import fit_learned
+
+        return fit_learned(args)
+    if args.flops_reduction is None:
+        raise InputError("--method fitprune needs --flops-reduction (e.g. 0.6 for 60% fewer prefill FLOPs)")
+    args.device = args.device or "cpu"
     dist = Dist.from_env(args.device)
     try:
         engine = PrunedEngine.load(args.model, device=args.device)
@@ -243,17 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_baseline)
 
-    p = sub.add_parser("fit", help="fit a pruning recipe on calibration data under a FLOPs budget")
+    p = sub.add_parser("fit", help="fit a pruning recipe: fitprune (training-free, FLOPs budget), lvpruning "
+                                   "(language-guided guides), dyvte (exit router)")
     p.add_argument("model", help="checkpoint directory")
-    p.add_argument("--method", choices=("fitprune",), default="fitprune")
-    p.add_argument("--flops-reduction", type=float, required=True)
+    p.add_argument("--method", choices=("fitprune", "lvpruning", "dyvte"), default="fitprune")
+    p.add_argument("--flops-reduction", type=float, help="fitprune: e.g. 0.6 for 60%% fewer prefill FLOPs")
     p.add_argument("--accounting", choices=("exact", "fastv", "fitprune"), default="exact")
-    p.add_argument("--calib", required=True, help="JSONL of {image, prompt} records, or 'bench:calib'")
+    p.add_argument("--calib", required=True,
+                   help="JSONL of {image, prompt[, answer]} records, or 'bench:calib' / 'bench:train'")
     p.add_argument("--n", type=int, default=64, help="calibration samples")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (lvpruning: per optimiser step)")
+    p.add_argument("--device", default=None, help="cpu, cuda, or auto (default: cpu for fitprune, auto otherwise)")
+    p.add_argument("-o", "--output", required=True,
+                   help="fitprune: recipe.json path; lvpruning/dyvte: output folder (or a .json path in it)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--schedule", help="lvpruning: KEEP@LAYER,... e.g. 0.5@4,0.3@8,0.1@16")
+    p.add_argument("--base-recipe", help="dyvte: recipe the router sits on (fitprune, guides); default none")
+    p.add_argument("--rank", type=int, help="guide/router inner width (default: largest within budget)")
+    p.add_argument("--steps", type=int, default=200, help="lvpruning: optimiser steps")
+    p.add_argument("--micro-batch", type=int, default=4, help="lvpruning: samples per forward pass")
+    p.add_argument("--lr", type=float, help="learning rate (lvpruning 3e-3, dyvte 1e-2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exit-layers", help="dyvte: candidate layers, e.g. 1,2,3 (default: all but the last)")
+    p.add_argument("--max-risk", type=float, default=0.01,
+                   help="dyvte: share of held-out requests allowed to exit where the label says no")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="accuracy per family, FLOPs and prefill time on the synthetic benchmark")

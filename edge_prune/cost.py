@@ -390,6 +390,15 @@ def parameter_inventory(shape: ModelShape) -> list[TensorSpec]:
     return out
 
 
+def decoder_parameters(shape: ModelShape) -> int:
+    """Parameters of the decoder layers (attention, MLP, their norms): the base of the learned-module budgets.
+
+    Token embeddings, the final norm and lm_head are left out, so the budgets are conservative."""
+    outside = {"embed_tokens", "lm_head"}
+    total = sum(t.numel for t in parameter_inventory(shape) if t.part == "language_model" and t.name not in outside)
+    return total - shape.hidden_size  # the final norm is one of the 2L+1 layernorm vectors
+
+
 def parameter_count(shape: ModelShape, part: str | None = None) -> int:
     """Number of parameters, optionally of one part ("language_model" or "vision_projector")."""
     return sum(t.numel for t in parameter_inventory(shape) if part is None or t.part == part)

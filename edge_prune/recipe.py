@@ -240,6 +240,13 @@ class Recipe:
             out.append(self.exit.router)
         return out
 
+    def copy_module_files(self, folder: str | os.PathLike[str]) -> None:
+        """Copy this recipe's module files into `folder` (for a recipe built on top of this one)."""
+        for rel in self.module_files():
+            src, dst = self.resolve(rel), Path(folder) / rel
+            if src.resolve() != dst.resolve():
+                _atomic_copy(src, dst)
+
     def resolve(self, relative: str) -> Path:
         """A module file's path: relative to the recipe's folder (the working directory if unsaved)."""
         return (self.base_dir or Path(".")) / relative

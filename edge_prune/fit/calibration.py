@@ -1,7 +1,9 @@
-"""Calibration data for fitting: a JSONL of {"image", "prompt"} records, or the benchmark's calib split.
+"""Calibration data for fitting: a JSONL of {"image", "prompt"[, "answer"]} records, or a benchmark split.
 
 JSONL records follow LLaVA's instruction layout: "prompt" is the user's turn with an "<image>"
-placeholder; "image" is a path, relative to the JSONL file's folder unless absolute. Bad records
+placeholder; "image" is a path, relative to the JSONL file's folder unless absolute; the optional
+"answer" is the reference answer that guide and exit-router training match distributions on.
+'bench:calib' and 'bench:train' draw the synthetic benchmark's splits (with answers). Bad records
 are reported with their line numbers; fitting stops if too few good ones remain.
 """
 
@@ -17,6 +19,7 @@ from PIL import Image
 from edge_prune.errors import InputError
 
 BENCH_SOURCE = "bench:calib"
+BENCH_SOURCES = ("bench:calib", "bench:train")
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -25,6 +28,7 @@ class CalibrationSample:
     image: Image.Image
     prompt: str  # the user's question, without the image placeholder
     source: str  # "file.jsonl:LINE" or "bench:calib:INDEX"
+    answer: str | None = None  # reference answer, when the source has one
 
 
 @dataclass
@@ -35,19 +39,20 @@ class CalibrationSet:
 
 
 def load_calibration(source: str, n: int, warn: bool = True) -> CalibrationSet:
-    """The first `n` good samples of `source` (a JSONL path or 'bench:calib')."""
+    """The first `n` good samples of `source` (a JSONL path, 'bench:calib' or 'bench:train')."""
     if n <= 0:
         raise InputError(f"--n is {n}; expected a positive number of calibration samples")
-    if source == BENCH_SOURCE:
+    if source in BENCH_SOURCES:
         from edge_prune.bench.generator import iter_items
 
-        samples = [CalibrationSample(it.image, it.question, f"{BENCH_SOURCE}:{it.index}")
-                   for it in iter_items("calib", n)]
+        split = source.split(":", 1)[1]
+        samples = [CalibrationSample(it.image, it.question, f"{source}:{it.index}", it.answer)
+                   for it in iter_items(split, n)]
         return CalibrationSet(samples, source, [])
     path = Path(source)
     if not path.is_file():
         raise InputError(f"calibration file not found: {path}; pass a JSONL of {{\"image\", \"prompt\"}} "
-                         f"records or '{BENCH_SOURCE}'")
+                         f"records or one of {', '.join(BENCH_SOURCES)}")
     samples: list[CalibrationSample] = []
     skipped: list[str] = []
     with open(path) as fh:
@@ -94,4 +99,7 @@ def _parse(line: str, path: Path, lineno: int) -> tuple[str | None, CalibrationS
     except (OSError, ValueError) as exc:
         return f"unreadable image {image_path} ({exc})", None
     question = prompt.replace(IMAGE_PLACEHOLDER, "").strip()
-    return None, CalibrationSample(image, question, f"{path.name}:{lineno}")
+    answer = record.get("answer")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        return "'answer' must be a non-empty string when given", None
+    return None, CalibrationSample(image, question, f"{path.name}:{lineno}", answer.strip() if answer else None)

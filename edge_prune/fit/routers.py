@@ -1,0 +1,377 @@
+"""DyVTE-style exit routers: label when a request may drop all its visual tokens, train one light
+shared router, and pick its threshold on held-out calibration data.
+
+Labels (DyVTE): for a sample and a candidate layer l, run the (base-recipe) model normally and
+with every visual token removed after layer l, teacher-forcing the reference answer; exit = 1
+when the answer tokens' argmax agree and the exited loss < 1.03 x the normal loss. Unlike DyVTE,
+which samples one exit layer per batch, every candidate layer is labelled for every sample: the
+exited branches share the normal run's prefix and carry only the text tokens, so all of them
+together cost about one more forward pass.
+
+Threshold: a request exits at the first candidate layer whose probability is >= the threshold.
+On the held-out share of the calibration set (every k-th sample, never trained on) every
+distinct probability is tried as the threshold; the chosen one gives the lowest expected
+prefill FLOPs among those whose *risk* (share of held-out requests that exit where the label
+says 0) is at most `max_risk`. The held-out exit-layer shares at that threshold go into the
+recipe (`exit.exit_rates`) for the cost model's expected FLOPs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from edge_prune.cost import decoder_parameters, estimate
+from edge_prune.engine import PrunedEngine
+from edge_prune.errors import RecipeError
+from edge_prune.fit.calibration import CalibrationSet
+from edge_prune.fit.distributed import Dist
+from edge_prune.fit.training import (TrainingInterrupted, all_reduce_sum, checkpoint_path, fingerprint,
+                                     forced_batch, load_checkpoint, micro_batches, mlp, pred_logits, save_checkpoint)
+from edge_prune.models.shapes import ModelShape
+from edge_prune.recipe import ExitSpec, Recipe
+from edge_prune.scoring import ExitRouter, router_parameters
+
+ROUTER_BUDGET = 0.01  # router parameters <= 1% of the decoder's
+MAX_DEFAULT_RANK = 64
+ROUTER_FILE = "router.safetensors"
+LOSS_RATIO = 1.03  # DyVTE: exited loss must stay below 1.03 x the normal loss
+
+
+def check_router_budget(shape: ModelShape, layers: list[int], rank: int) -> int:
+    """Router parameters, or RecipeError when they exceed ROUTER_BUDGET of the decoder's."""
+    n = router_parameters(shape.hidden_size, len(layers), rank)
+    limit = ROUTER_BUDGET * decoder_parameters(shape)
+    if n > limit:
+        raise RecipeError(f"an exit router at rank {rank} on {len(layers)} layers has {n} parameters, over the "
+                          f"{ROUTER_BUDGET:.0%} budget ({int(limit)} of the decoder's {decoder_parameters(shape)}); "
+                          "lower --rank")
+    return n
+
+
+def default_router_rank(shape: ModelShape, layers: list[int]) -> int:
+    rank = MAX_DEFAULT_RANK
+    while rank > 1 and router_parameters(shape.hidden_size, len(layers), rank) > ROUTER_BUDGET * decoder_parameters(
+            shape):
+        rank //= 2
+    return rank
+
+
+@dataclass
+class RouterConfig:
+    """Fitting settings; with the model, base recipe and data they fingerprint a resumable run."""
+
+    layers: list[int] | None = None  # candidate exit layers; None: every layer but the last that has visual tokens
+    rank: int | None = None  # None: default_router_rank
+    heldout_every: int = 4  # every k-th calibration sample is held out for the threshold
+    max_risk: float = 0.01
+    loss_ratio: float = LOSS_RATIO
+    train_steps: int = 300  # full-batch optimiser steps on the collected features
+    lr: float = 1e-2
+    seed: int = 0
+    micro_batch: int = 8
+    checkpoint_every: int = 4  # micro-batches between checkpoints of the label collection
+
+
+@dataclass
+class ExitLabels:
+    """Router inputs and DyVTE labels for every sample and candidate layer."""
+
+    features: torch.Tensor  # [N, C, 2d]
+    labels: torch.Tensor  # [N, C] 1.0 = exiting here keeps the answer
+    eligible: torch.Tensor  # [N, C] visual tokens still present and text after the image
+    agree: torch.Tensor  # [N, C] argmax agreement alone (reported)
+
+
+@dataclass
+class RouterFitResult:
+    recipe: Recipe
+    router: ExitRouter
+    threshold: float
+    heldout_risk: float
+    heldout_exit_rates: list[float]
+    seconds: float
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+class RouterFitter:
+    """Collects labels on the base recipe (identity, FitPrune, guides...), trains the router, picks the threshold."""
+
+    def __init__(self, engine: PrunedEngine, calibration: CalibrationSet, config: RouterConfig,
+                 dist: Dist | None = None, progress: bool = True, work_dir: str | Path | None = None):
+        base = engine.recipe
+        if base.exit is not None:
+            raise RecipeError("the base recipe already has an exit router; pass a recipe without 'exit'")
+        if base.prune.scorer == "fastv":
+            raise RecipeError("exit routers cannot be fitted on a FastV base recipe (FastV scores with the last "
+                              "token, which teacher forcing moves); use a fitprune, guide or random base recipe")
+        self.engine, self.adapter, self.base = engine, engine.adapter, base
+        self.calibration, self.config = calibration, config
+        self.dist = dist or Dist.single()
+        self.progress = progress and self.dist.rank == 0
+        self.shape, self.sig = self.adapter.shape, self.adapter.signature()
+        num_layers = self.sig.num_layers
+        if config.layers is None:
+            self.layers = [i for i in range(num_layers - 1) if base.prune.keep_after[i] > 0]
+        else:
+            self.layers = list(config.layers)
+            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            if bad or self.layers != sorted(set(self.layers)):
+                raise RecipeError(f"--exit-layers {self.layers}: expected increasing layer indices in "
+                                  f"[0, {num_layers - 1}]")
+        if not self.layers:
+            raise RecipeError("no candidate exit layer: the base recipe keeps no visual tokens anywhere")
+        self.rank = config.rank or default_router_rank(self.shape, self.layers)
+        self.n_params = check_router_budget(self.shape, self.layers, self.rank)
+        n = len(calibration.samples)
+        self.heldout = [i for i in range(n) if i % config.heldout_every == config.heldout_every - 1]
+        self.train_ids = [i for i in range(n) if i % config.heldout_every != config.heldout_every - 1]
+        if len(self.heldout) < 4 or len(self.train_ids) < 4:
+            raise RecipeError(f"{n} calibration samples are too few for an exit router: it needs at least 4 to "
+                              f"train on and 4 held out (every {config.heldout_every}th); raise --n")
+        self.micro = micro_batches(n, config.micro_batch)
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.run_id = fingerprint({"kind": "router", "model": asdict(self.sig), "base": base.to_dict()["prune"],
+                                   "config": asdict(config), "layers": self.layers, "rank": self.rank,
+                                   "calibration": calibration.source, "n": n})
+
+    # ---- labels -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _collect_batch(self, ids: list[int]) -> tuple[torch.Tensor, ...]:
+        """(features [B, C, 2d], labels, eligible, agree) for one micro-batch."""
+        engine, layers = self.engine, self.adapter.layers
+        fb = forced_batch(engine, [self.calibration.samples[i] for i in ids], ids)
+        ws, counts = fb.ws, fb.counts
+        bsz = fb.size
+        width = int(ws.positions.max()) + 1
+        pred_table = torch.zeros(bsz, width, dtype=torch.bool, device=ws.valid.device)
+        pred_table[fb.pred.nonzero(as_tuple=True)[0], ws.positions[fb.pred]] = True
+        bidx = torch.arange(bsz, device=ws.valid.device)
+        last_pos = ws.positions[bidx, fb.last_prompt]
+
+        def find_pred(w) -> torch.Tensor:
+            return pred_table.gather(1, w.positions) & w.valid
+
+        c = len(self.layers)
+        feats = torch.zeros(bsz, c, 2 * self.sig.hidden_size, device=ws.hidden.device)
+        eligible = torch.zeros(bsz, c, dtype=torch.bool, device=ws.hidden.device)
+        exit_logits: list[torch.Tensor] = []
+        for i, layer in enumerate(layers):
+            ctx = None
+            if i not in engine.skip:
+                out, _, ctx = engine.attend(layer, ws)
+                ws.hidden = ws.hidden + out
+            targets = [cnt[i] for cnt in counts]
+            if any(t < p for t, p in zip(targets, ws.visual.sum(1).tolist())):
+                ws = engine._drop(ws, i, ctx, targets)
+            ws.hidden = mlp(layer, ws.hidden)
+            if i not in self.layers:
+                continue
+            j = self.layers.index(i)
+            text = ws.text_after & ws.valid
+            last = ((ws.positions == last_pos[:, None]) & ws.valid).float().argmax(1)
+            feats[:, j] = ExitRouter.features(ws.hidden, text, ws.hidden[bidx, last]).float()
+            eligible[:, j] = text.any(1) & (ws.visual & ws.valid).any(1)
+            branch = ws.select(ws.valid & ~ws.visual)
+            for k in range(i + 1, len(layers)):
+                if k not in engine.skip:
+                    out, _, _ = engine.attend(layers[k], branch)
+                    branch.hidden = branch.hidden + out
+                branch.hidden = mlp(layers[k], branch.hidden)
+            exit_logits.append(pred_logits(engine, branch.hidden, find_pred(branch)))
+        normal = pred_logits(engine, ws.hidden, find_pred(ws))
+        targets_t = torch.where(fb.targets < 0, normal.argmax(-1), fb.targets)
+        rows = fb.pred.nonzero()[:, 0]  # pred positions are never dropped, so row order is kept
+        per_row = fb.pred.sum(1).clamp(min=1).float()
+
+        def per_sample(values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(bsz, device=values.device).index_add(0, rows, values.float())
+
+        ce_normal = per_sample(F.cross_entropy(normal, targets_t, reduction="none")) / per_row
+        labels = torch.zeros(bsz, c, device=ws.hidden.device)
+        agree = torch.zeros(bsz, c, dtype=torch.bool, device=ws.hidden.device)
+        for j, logits in enumerate(exit_logits):
+            same = per_sample((logits.argmax(-1) == normal.argmax(-1)).float()) == fb.pred.sum(1).float()
+            ce_exit = per_sample(F.cross_entropy(logits, targets_t, reduction="none")) / per_row
+            agree[:, j] = same
+            labels[:, j] = (same & (ce_exit < self.config.loss_ratio * ce_normal)).float()
+        return feats, labels, eligible, agree
+
+    def collect(self, stop_after: int | None = None) -> ExitLabels:
+        """Labels for every sample (this rank's share, summed over ranks); resumable per micro-batch."""
+        n, c, d2 = len(self.calibration.samples), len(self.layers), 2 * self.sig.hidden_size
+        dev = self.adapter.device
+        feats = torch.zeros(n, c, d2, device=dev)
+        labels = torch.zeros(n, c, device=dev)
+        eligible = torch.zeros(n, c, device=dev)
+        agree = torch.zeros(n, c, device=dev)
+        done = torch.zeros(len(self.micro), device=dev)
+        rank_tag = f"router-labels-rank{self.dist.rank}-of{self.dist.world_size}"
+        ckpt = checkpoint_path(self.work_dir, rank_tag) if self.work_dir is not None else None
+        if ckpt is not None:
+            resumed = load_checkpoint(ckpt, None, None, self.run_id)
+            if resumed is not None:
+                _, extra = resumed
+                feats, labels = extra["features"].to(dev), extra["labels"].to(dev)
+                eligible, agree, done = extra["eligible"].to(dev), extra["agree"].to(dev), extra["done"].to(dev)
+                if self.progress:
+                    tqdm.write(f"router: resuming the label collection ({int(done.sum())} micro-batches done, {ckpt})")
+        owned = [m for m in range(len(self.micro)) if m % self.dist.world_size == self.dist.rank]
+        bar = tqdm(total=len(owned), initial=sum(int(done[m]) for m in owned), desc="router: labels",
+                   unit="batch", disable=not self.progress)
+        processed = 0
+        for m in owned:
+            if done[m]:
+                continue
+            ids = self.micro[m]
+            f, lab, el, ag = self._collect_batch(ids)
+            feats[ids], labels[ids], eligible[ids], agree[ids] = f, lab, el.float(), ag.float()
+            done[m] = 1
+            processed += 1
+            bar.update(1)
+            stop = stop_after is not None and processed >= stop_after
+            if ckpt is not None and (processed % self.config.checkpoint_every == 0 or stop):
+                save_checkpoint(ckpt, None, None, int(done.sum()), self.run_id,
+                                {"features": feats, "labels": labels, "eligible": eligible, "agree": agree,
+                                 "done": done})
+            if stop and done[owned].sum() < len(owned):
+                bar.close()
+                raise TrainingInterrupted(f"stopped after {processed} micro-batches")
+        bar.close()
+        for t in (feats, labels, eligible, agree):
+            all_reduce_sum(t, self.dist)
+        return ExitLabels(feats, labels, eligible.bool(), agree.bool())
+
+    def save(self, result: RouterFitResult, recipe_path: Path) -> Path:
+        """Write the router, the base recipe's module files and recipe.json into one folder."""
+        folder = recipe_path.parent
+        result.router.save(folder / ROUTER_FILE, self.sig.num_layers)
+        self.base.copy_module_files(folder)
+        result.recipe.base_dir = folder
+        return result.recipe.save(recipe_path)
+
+    # ---- router and threshold --------------------------------------------------------------------------
+    def train(self, data: ExitLabels) -> ExitRouter:
+        """BCE on every (training sample, eligible layer) pair; full batch, deterministic on every rank."""
+        cfg = self.config
+        router = ExitRouter(self.sig.hidden_size, self.layers, self.rank).to(self.adapter.device)
+        router.reset_parameters(cfg.seed)
+        router.to(self.adapter.device)
+        idx = torch.tensor(self.train_ids, device=self.adapter.device)
+        feats, labels, elig = data.features[idx], data.labels[idx], data.eligible[idx]
+        optim = torch.optim.Adam(router.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        bar = tqdm(range(cfg.train_steps), desc="router: training", unit="step", disable=not self.progress)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny matmuls: thread synchronisation would cost more than the work
+        try:
+            for _ in bar:
+                optim.zero_grad()
+                logits = torch.stack([router.logits(layer, feats[:, j]) for j, layer in enumerate(self.layers)],
+                                     dim=1)
+                loss = F.binary_cross_entropy_with_logits(logits[elig], labels[elig])
+                loss.backward()
+                optim.step()
+                bar.set_postfix(bce=f"{float(loss.detach()):.4f}")
+        finally:
+            torch.set_num_threads(threads)
+        return router.eval()
+
+    @torch.no_grad()
+    def probabilities(self, router: ExitRouter, data: ExitLabels, ids: list[int]) -> torch.Tensor:
+        """[len(ids), C] exit probabilities; -1 where the layer is not eligible."""
+        idx = torch.tensor(ids, device=self.adapter.device)
+        probs = torch.stack([torch.sigmoid(router.logits(layer, data.features[idx, j]))
+                             for j, layer in enumerate(self.layers)], dim=1)
+        return torch.where(data.eligible[idx], probs, torch.full_like(probs, -1.0))
+
+    def choose_threshold(self, router: ExitRouter, data: ExitLabels,
+                         text_tokens: int) -> tuple[float, float, list[float], list[dict[str, float]]]:
+        """(threshold, held-out risk, held-out exit shares per layer, the whole trade-off curve)."""
+        probs = self.probabilities(router, data, self.heldout)
+        labels = data.labels[torch.tensor(self.heldout, device=probs.device)]
+        flops = self._flops_per_exit(text_tokens)
+        never = 1.0 + 1e-6  # no held-out request exits; stored as threshold 1.0
+        candidates = sorted({float(p) for p in probs.flatten().tolist() if p >= 0} | {never})
+        curve = []
+        best: tuple[float, float, float, list[float]] | None = None
+        for theta in candidates:
+            passes = probs >= theta
+            first = torch.where(passes.any(1), passes.float().argmax(1), torch.full_like(probs[:, 0], -1).long())
+            exited = first >= 0
+            unsafe = exited & (labels.gather(1, first.clamp(min=0)[:, None])[:, 0] < 0.5)
+            risk = float(unsafe.float().mean())
+            rates = [float((first == j).float().mean()) for j in range(len(self.layers))]
+            mean_flops = sum(r * flops[layer] for r, layer in zip(rates, self.layers)) + (1 - sum(rates)) * flops[None]
+            reduction = 1 - mean_flops / flops["baseline"]
+            curve.append({"threshold": theta, "risk": risk, "flops_reduction": reduction,
+                          "exit_share": float(exited.float().mean())})
+            if risk <= self.config.max_risk + 1e-12 and (best is None or reduction > best[2] + 1e-12):
+                best = (theta, risk, reduction, rates)
+        assert best is not None  # the never-exit threshold has zero risk
+        return min(best[0], 1.0), best[1], best[3], curve
+
+    def _flops_per_exit(self, text_tokens: int) -> dict[Any, float]:
+        out: dict[Any, float] = {}
+        probe = Recipe(model=self.sig, prune=self.base.prune, skip_attention=list(self.base.skip_attention),
+                       exit=ExitSpec(ROUTER_FILE, self.layers, 0.5, self.rank))
+        for layer in [*self.layers, None]:
+            report = estimate(self.shape, probe, text_tokens=text_tokens, exits={layer: 1.0}, weight_formats=())
+            out[layer] = report.pruned_flops
+            out["baseline"] = report.baseline_flops
+        return out
+
+    # ---- all of it ------------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> RouterFitResult:
+        start = time.perf_counter()
+        data = self.collect(stop_after)
+        router = self.train(data)
+        text = self._mean_text_tokens()
+        threshold, risk, rates, curve = self.choose_threshold(router, data, text)
+        seconds = time.perf_counter() - start
+        import edge_prune
+
+        recipe = Recipe(model=self.sig, prune=self.base.prune, skip_attention=list(self.base.skip_attention),
+                        exit=ExitSpec(ROUTER_FILE, self.layers, round(threshold, 6), self.rank,
+                                      [round(r, 6) for r in rates]),
+                        budget=self.base.budget)
+        report = estimate(self.shape, recipe, text_tokens=text, weight_formats=())
+        el = data.eligible
+        recipe.provenance = {
+            "method": "dyvte" if self.base.is_identity else f"{self.base.provenance.get('method', 'base')}+dyvte",
+            "router_parameters": self.n_params,
+            "decoder_parameters": decoder_parameters(self.shape),
+            "calibration": self.calibration.source,
+            "calibration_samples": len(self.calibration.samples),
+            "heldout_samples": len(self.heldout),
+            "threshold_rule": f"lowest expected FLOPs with held-out risk <= {self.config.max_risk}",
+            "heldout_risk": risk,
+            "label_rate_per_layer": [round(float(data.labels[:, j][el[:, j]].mean()) if el[:, j].any() else 0.0, 4)
+                                     for j in range(len(self.layers))],
+            "agree_rate_per_layer": [round(float(data.agree[:, j][el[:, j]].float().mean()) if el[:, j].any()
+                                           else 0.0, 4) for j in range(len(self.layers))],
+            "loss_ratio": self.config.loss_ratio,
+            "predicted_flops_reduction": report.flops_reduction,
+            "accounting": "exact",
+            "text_tokens": text,
+            "training": {"seconds": round(seconds, 1), "train_steps": self.config.train_steps,
+                         "world_size": self.dist.world_size, "device": str(self.adapter.device),
+                         "threads": torch.get_num_threads(), "seed": self.config.seed},
+            "threshold_curve": [{k: round(v, 5) for k, v in row.items()} for row in curve[:: max(1, len(curve) // 40)]],
+            "base": self.base.provenance,
+            "edge_prune": edge_prune.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return RouterFitResult(recipe, router, threshold, risk, rates, seconds, curve)
+
+    def _mean_text_tokens(self) -> int:
+        tok = self.adapter.processor.tokenizer
+        lengths = [len(tok(self.adapter.format_prompt(s.prompt, with_image=True))["input_ids"]) - 1
+                   for s in self.calibration.samples[:64]]
+        return round(sum(lengths) / len(lengths))
