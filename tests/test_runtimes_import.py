@@ -59,3 +59,15 @@ def test_directory_without_manifest_is_rejected(tmp_path):
 def test_unknown_backend_is_named(tmp_path):
     with pytest.raises(ArtifactError, match="backend 'tpu9' is unknown"):
         load(_artifact(tmp_path, backend="tpu9"))
+
+
+def test_llamacpp_runtime_imports_without_torch_or_transformers():
+    pytest.importorskip("llama_cpp")
+    script = BLOCKER.replace(
+        "import edge_prune.runtimes, edge_prune.runtimes.manifest",
+        "import edge_prune.runtimes, edge_prune.runtimes.llamacpp, edge_prune.runtimes.llamacpp_keys",
+    )
+    assert "edge_prune.runtimes.llamacpp," in script
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
