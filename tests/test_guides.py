@@ -154,3 +154,181 @@ def test_cost_counts_the_guides(llava, tmp_path):
         estimate(shape, same_schedule, text_tokens=text).pruned_flops + 2 * macs)
     # Paper accountings print no term for the guides.
     assert prefill_breakdown(shape, recipe, text, "fitprune")["guides"] == 0
+
+
+# ---- fitting ---------------------------------------------------------------------------------------
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from edge_prune.cli import main  # noqa: E402
+from edge_prune.cost import decoder_parameters  # noqa: E402
+from edge_prune.fit.calibration import load_calibration  # noqa: E402
+from edge_prune.fit.guides import (GuideConfig, GuideFitter, check_guide_budget, default_guide_rank,  # noqa: E402
+                                   parse_schedule, schedule_keep_after)
+from edge_prune.fit.training import TrainingInterrupted  # noqa: E402
+
+SCHEDULE = "0.5@1,0.25@2,0.1@3"
+
+
+def write_calib(folder: Path, n: int, answers: bool = True) -> Path:
+    """A JSONL of random images, questions and (optionally) one-word answers."""
+    rng = np.random.default_rng(7)
+    words = ["red", "blue", "two", "yes", "no", "left"]
+    lines = []
+    for i in range(n):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+        record = {"image": f"{i}.png", "prompt": f"<image>\nhow many circles are left of shape {i}?"}
+        if answers:
+            record["answer"] = words[i % len(words)]
+        lines.append(json.dumps(record))
+    (folder / "calib.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "calib.jsonl"
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    return write_calib(tmp_path_factory.mktemp("guides-calib"), 16)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llava_dir):
+    return PrunedEngine.load(tiny_llava_dir)
+
+
+def test_schedule_parsing_and_errors():
+    assert parse_schedule("0.5@4,0.3@8,0.1@16", 32) == [(0.5, 4), (0.3, 8), (0.1, 16)]
+    assert schedule_keep_after([(0.5, 1), (0.1, 3)], 4) == [1.0, 0.5, 0.5, 0.1]
+    for text, message in [
+        ("0.3@4,0.5@8", r"keep 0.5 at layer 8 is not below 0.3 at layer 4; keep fractions must decrease"),
+        ("0.5@4,0.3@40", r"layer 40 is out of range; this model's decoder layers are 0..31"),
+        ("0.5@8,0.3@4", "layer 4 comes after layer 8; layers must increase"),
+        ("0.5-4", r"entry '0.5-4' is not KEEP@LAYER"),
+        ("1.5@4", r"keep 1.5 at layer 4 is not a fraction in \[0, 1\)"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            parse_schedule(text, 32)
+
+
+def test_bad_schedule_via_cli(tiny_llava_dir, calib, tmp_path, capsys):
+    code = main(["fit", str(tiny_llava_dir), "--method", "lvpruning", "--schedule", "0.2@1,0.4@2", "--calib",
+                 str(calib), "--n", "4", "-o", str(tmp_path / "out")])
+    assert code == 2 and "keep fractions must decrease" in capsys.readouterr().err
+    code = main(["fit", str(tiny_llava_dir), "--method", "lvpruning", "--schedule", "0.5@1,0.2@9", "--calib",
+                 str(calib), "--n", "4", "-o", str(tmp_path / "out")])
+    assert code == 2 and "layer 9 is out of range; this model's decoder layers are 0..3" in capsys.readouterr().err
+
+
+def test_guide_parameters_stay_within_two_percent_of_the_decoder(engine):
+    shape = engine.adapter.shape
+    layers = [1, 2, 3]
+    rank = default_guide_rank(shape, layers)
+    assert check_guide_budget(shape, layers, rank) <= 0.02 * decoder_parameters(shape)
+    with pytest.raises(RecipeError, match=r"over the 2% budget"):
+        check_guide_budget(shape, layers, rank * 4)
+    # At LLaVA-1.5-7B scale the default rank (32) on three layers is far below the budget.
+    from edge_prune.models.shapes import load_shape
+
+    big = load_shape(Path(__file__).parent / "fixtures" / "llava-1.5-7b" / "config.json")
+    assert default_guide_rank(big, [4, 8, 16]) == 32
+    assert check_guide_budget(big, [4, 8, 16], 32) < 0.001 * decoder_parameters(big)
+
+
+def test_straight_through_forward_is_exactly_the_engine_drop(engine, tmp_path):
+    """Hard-mask training forward at the last prompt position == the engine's pruned prefill."""
+    calib = load_calibration(str(write_calib(tmp_path, 4, answers=False)), 4)
+    fitter = GuideFitter(engine, calib, GuideConfig(parse_schedule(SCHEDULE, 4), micro_batch=4, batch_size=4),
+                         progress=False)
+    guides = GuideSet(64, fitter.layers, fitter.rank)
+    guides.reset_parameters(11)
+    prep = fitter._prepare([0, 1, 2, 3])
+    with torch.no_grad():
+        student = fitter.student_logits(guides, prep, hard_only=True)
+        straight_through = fitter.student_logits(guides, prep)
+    recipe = Recipe(model=engine.adapter.signature(), prune=fitter.recipe.prune)
+    pruned = PrunedEngine(engine.adapter, recipe, guides=guides)
+    batch = engine.adapter.prepare([s.prompt for s in calib.samples], [s.image for s in calib.samples])
+    assert (student - pruned.prefill(batch).logits).abs().max().item() <= 1e-4
+    assert torch.equal(student, straight_through)  # the soft part only changes gradients
+
+
+def test_training_lowers_the_pruned_models_loss(engine, calib):
+    config = GuideConfig(parse_schedule(SCHEDULE, 4), steps=25, batch_size=8, micro_batch=4, lr=2e-2)
+    fitter = GuideFitter(engine, load_calibration(str(calib), 16), config, progress=False)
+    preps = [fitter._prepare(m) for m in fitter.micro]
+    untrained = GuideSet(64, fitter.layers, fitter.rank)
+    untrained.reset_parameters(config.seed)
+    before = fitter.evaluate(untrained, preps)
+    result = fitter.fit()
+    after = fitter.evaluate(result.guides, preps)
+    assert after < 0.8 * before, (before, after)
+    assert result.recipe.provenance["guide_parameters"] <= 0.02 * decoder_parameters(engine.adapter.shape)
+
+
+def test_interrupted_training_resumes_to_the_same_guides(engine, calib, tmp_path):
+    config = GuideConfig(parse_schedule(SCHEDULE, 4), steps=6, batch_size=8, micro_batch=4, checkpoint_every=2)
+    data = load_calibration(str(calib), 8)
+    straight = GuideFitter(engine, data, config, progress=False).fit()
+    with pytest.raises(TrainingInterrupted):
+        GuideFitter(engine, data, config, progress=False, work_dir=tmp_path).fit(stop_after=3)
+    assert (tmp_path / ".edge-prune-train" / "guides.safetensors").is_file()
+    resumed = GuideFitter(engine, data, config, progress=False, work_dir=tmp_path).fit()
+    assert [h["step"] for h in resumed.history] == [float(s) for s in range(1, 7)]
+    for a, b in zip(straight.guides.parameters(), resumed.guides.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    # A different run (other seed) does not pick up this checkpoint.
+    other = GuideConfig(parse_schedule(SCHEDULE, 4), steps=2, batch_size=8, micro_batch=4, seed=5)
+    assert len(GuideFitter(engine, data, other, progress=False, work_dir=tmp_path).fit().history) == 2
+
+
+def test_cli_and_two_ranks_train_the_same_guides(tiny_llava_dir, calib, tmp_path):
+    common = ["fit", str(tiny_llava_dir), "--method", "lvpruning", "--schedule", SCHEDULE, "--calib", str(calib),
+              "--n", "16", "--batch-size", "8", "--micro-batch", "4", "--steps", "3", "--json"]
+    assert main([*common, "-o", str(tmp_path / "one")]) == 0
+    recipe = Recipe.load(tmp_path / "one" / "recipe.json")
+    assert recipe.prune.scorer == "guide" and recipe.provenance["method"] == "lvpruning"
+    assert not (tmp_path / "one" / ".edge-prune-train").exists()  # the checkpoint goes once training is done
+    out = PrunedEngine.load(tiny_llava_dir, recipe=tmp_path / "one" / "recipe.json").generate(
+        "what is there?", Image.new("RGB", (32, 32)), max_new_tokens=2)
+    assert out.kept[0].per_layer == [64, 32, 16, 6]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", str(port)]
+    proc = subprocess.run([*torchrun, "-m", "edge_prune.cli", "--", *common, "-o", str(tmp_path / "two")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = Recipe.load(tmp_path / "two" / "recipe.json")
+    assert two.provenance["training"]["world_size"] == 2
+    a, b = load_file(tmp_path / "one" / "guides.safetensors"), load_file(tmp_path / "two" / "guides.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    assert not torch.allclose(a["wq"], GuideSet(64, [1, 2, 3], recipe.prune.guides.rank).wq)  # it trained
+
+
+def test_teacher_forcing_predicts_the_answer_where_decoding_would(engine, calib):
+    """The training batch's pred positions give the logits the engine's decode loop gives for the answer."""
+    data = load_calibration(str(calib), 2)
+    fitter = GuideFitter(engine, data, GuideConfig(parse_schedule(SCHEDULE, 4), micro_batch=2, batch_size=2),
+                         progress=False)
+    prep = fitter._prepare([0, 1])
+    tok = engine.adapter.processor.tokenizer
+    row = 0
+    for b, sample in enumerate(data.samples):
+        answer = tok(f" {sample.answer}{tok.eos_token}", add_special_tokens=False)["input_ids"]
+        pre = engine.prefill(engine.adapter.prepare([sample.prompt], [sample.image]))
+        logits, pos = [pre.logits], pre.next_positions.clone()
+        for token in answer[:-1]:
+            logits.append(engine.decode_step(pre.caches, torch.tensor([token]), pos))
+            pos += 1
+        expected = torch.log_softmax(torch.cat(logits), -1)
+        got = prep.teacher_logp[row:row + len(answer)]
+        assert (got - expected).abs().max().item() <= 1e-4
+        assert prep.batch.targets[row:row + len(answer)].tolist() == answer
+        row += len(answer)

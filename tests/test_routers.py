@@ -157,3 +157,146 @@ def test_expected_flops_over_the_exit_distribution(llava, tmp_path):
     assert estimate(shape, recipe, text_tokens=text, exits={1: 1.0}).pruned_flops == per_exit[1]
     assert estimate(shape, recipe, text_tokens=text, exits={None: 1.0}).pruned_flops == per_exit[None]
     assert "exit after layer 0" in __import__("edge_prune.cost", fromlist=["format_report"]).format_report(report)
+
+
+# ---- fitting ---------------------------------------------------------------------------------------
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from edge_prune.cli import main  # noqa: E402
+from edge_prune.cost import decoder_parameters  # noqa: E402
+from edge_prune.fit.calibration import load_calibration  # noqa: E402
+from edge_prune.fit.routers import (ExitLabels, RouterConfig, RouterFitter, check_router_budget,  # noqa: E402
+                                    default_router_rank)
+from edge_prune.fit.training import TrainingInterrupted  # noqa: E402
+from tests.test_guides import write_calib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    return write_calib(tmp_path_factory.mktemp("router-calib"), 16)
+
+
+def test_router_parameters_stay_within_one_percent_of_the_decoder(llava):
+    shape = llava.shape
+    rank = default_router_rank(shape, [0, 1, 2])
+    assert check_router_budget(shape, [0, 1, 2], rank) <= 0.01 * decoder_parameters(shape)
+    with pytest.raises(RecipeError, match=r"over the 1% budget"):
+        check_router_budget(shape, [0, 1, 2], rank * 4)
+    from edge_prune.models.shapes import load_shape
+
+    big = load_shape(Path(__file__).parent / "fixtures" / "llava-1.5-7b" / "config.json")
+    layers = list(range(31))
+    # DyVTE's own router is 2d x 2048 + 2048 x 2 per layer (~537M at 7B); ours at rank 64, shared:
+    assert check_router_budget(big, layers, default_router_rank(big, layers)) < 0.0002 * decoder_parameters(big)
+
+
+@pytest.mark.parametrize("base", ["none", "fitprune"])
+def test_labels_follow_dyvtes_rule_on_the_engines_exits(llava, tmp_path, base):
+    """Labels from the shared-prefix branches equal running the engine with a forced exit at each layer."""
+    calib = load_calibration(str(write_calib(tmp_path, 4, answers=False)), 4)
+    base_recipe = Recipe.identity(llava.signature()) if base == "none" else Recipe(
+        model=llava.signature(), prune=PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.5, 0.25]))
+    engine = PrunedEngine(llava, base_recipe)
+    config = RouterConfig(micro_batch=4)
+    fitter = RouterFitter.__new__(RouterFitter)  # the label pass only; too few samples for a held-out split
+    fitter.engine, fitter.adapter, fitter.base, fitter.calibration, fitter.config = (
+        engine, llava, base_recipe, calib, config)
+    fitter.sig, fitter.layers = llava.signature(), EXIT_LAYERS
+    feats, labels, eligible, agree = fitter._collect_batch([0, 1, 2, 3])
+    batch = llava.prepare([s.prompt for s in calib.samples], [s.image for s in calib.samples])
+    normal = engine.prefill(batch).logits
+    target = normal.argmax(-1)
+    for j, layer in enumerate(EXIT_LAYERS):
+        forced = ExitRouter(llava.signature().hidden_size, [layer], 1)
+        torch.nn.init.zeros_(forced.w1)
+        recipe = Recipe(model=base_recipe.model, prune=base_recipe.prune,
+                        exit=ExitSpec("unused.safetensors", [layer], 0.0, 1))
+        exited = PrunedEngine(llava, recipe, router=forced).prefill(batch)
+        assert [k.exit_layer for k in exited.kept] == [layer] * 4
+        same = exited.logits.argmax(-1) == target
+        ratio_ok = F.cross_entropy(exited.logits, target, reduction="none") < 1.03 * F.cross_entropy(
+            normal, target, reduction="none")
+        assert agree[:, j].tolist() == same.tolist()
+        assert labels[:, j].bool().tolist() == (same & ratio_ok).tolist()
+    assert bool(eligible.all())
+
+
+def test_threshold_is_the_cheapest_within_the_held_out_risk(llava, calib):
+    fitter = RouterFitter(PrunedEngine(llava), load_calibration(str(calib), 16),
+                          RouterConfig(max_risk=0.25, micro_batch=8), progress=False)
+    n = 16
+    router = ExitRouter(64, EXIT_LAYERS, fitter.rank)
+    torch.manual_seed(0)
+    feats = torch.randn(n, 3, 128)
+    labels = (torch.rand(n, 3) > 0.4).float()
+    data = ExitLabels(feats, labels, torch.ones(n, 3, dtype=torch.bool), labels.bool())
+    threshold, risk, rates, curve = fitter.choose_threshold(router, data, text_tokens=20)
+    assert risk <= 0.25 and sum(rates) <= 1.0
+    chosen = [c for c in curve if min(c["threshold"], 1.0) == pytest.approx(threshold)]
+    assert chosen and chosen[0]["risk"] == risk
+    assert chosen[0]["flops_reduction"] == max(c["flops_reduction"] for c in curve if c["risk"] <= 0.25)
+    assert any(c["risk"] > 0.25 for c in curve)  # the risk bound actually excluded cheaper thresholds
+
+
+def test_fit_on_a_fitprune_recipe_resumes_and_runs(tiny_llava_dir, llava, calib, tmp_path, images):
+    base = Recipe(model=llava.signature(), prune=PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.5, 0.25]),
+                  provenance={"method": "fitprune"})
+    data = load_calibration(str(calib), 16)
+    config = RouterConfig(micro_batch=4, max_risk=0.25, checkpoint_every=1, train_steps=50)
+    straight = RouterFitter(PrunedEngine(llava, base), data, config, progress=False).fit()
+    with pytest.raises(TrainingInterrupted):
+        RouterFitter(PrunedEngine(llava, base), data, config, progress=False, work_dir=tmp_path).fit(stop_after=2)
+    fitter = RouterFitter(PrunedEngine(llava, base), data, config, progress=False, work_dir=tmp_path)
+    resumed = fitter.fit()
+    assert resumed.threshold == straight.threshold
+    for a, b in zip(straight.router.parameters(), resumed.router.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    path = fitter.save(resumed, tmp_path / "out" / "recipe.json")
+    recipe = Recipe.load(path)
+    assert recipe.prune.keep_after == base.prune.keep_after and recipe.exit.layers == EXIT_LAYERS
+    assert recipe.provenance["method"] == "fitprune+dyvte"
+    assert recipe.provenance["router_parameters"] <= 0.01 * decoder_parameters(llava.shape)
+    out = PrunedEngine.load(tiny_llava_dir, recipe=path).generate(PROMPTS, images, max_new_tokens=2)
+    assert all(k.exit_layer in (None, *EXIT_LAYERS) for k in out.kept)
+
+
+def test_cli_on_guides_and_two_ranks_agree(tiny_llava_dir, llava, calib, tmp_path):
+    base = exit_recipe(llava, tmp_path / "base", 0.5, base="guide")
+    data = json.loads(base.read_text())
+    data["exit"] = None
+    base.write_text(json.dumps(data))
+    common = ["fit", str(tiny_llava_dir), "--method", "dyvte", "--calib", str(calib), "--n", "16",
+              "--base-recipe", str(base), "--batch-size", "4", "--max-risk", "0.25", "--json"]
+    assert main([*common, "-o", str(tmp_path / "one")]) == 0
+    one = Recipe.load(tmp_path / "one" / "recipe.json")
+    assert one.prune.scorer == "guide" and one.exit is not None
+    assert (tmp_path / "one" / "guides.safetensors").is_file()  # the base recipe's guides came along
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", str(port)]
+    proc = subprocess.run([*torchrun, "-m", "edge_prune.cli", "--", *common, "-o", str(tmp_path / "two")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = Recipe.load(tmp_path / "two" / "recipe.json")
+    assert two.provenance["training"]["world_size"] == 2
+    assert two.exit.threshold == pytest.approx(one.exit.threshold, abs=1e-5)
+    assert two.exit.exit_rates == pytest.approx(one.exit.exit_rates)
+    a, b = load_file(tmp_path / "one" / "router.safetensors"), load_file(tmp_path / "two" / "router.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_dyvte_rejects_a_router_recipe_and_a_fastv_base(tiny_llava_dir, llava, calib, tmp_path, capsys):
+    path = exit_recipe(llava, tmp_path, 0.5)
+    code = main(["fit", str(tiny_llava_dir), "--method", "dyvte", "--calib", str(calib), "--n", "16",
+                 "--base-recipe", str(path), "-o", str(tmp_path / "o")])
+    assert code == 2 and "already has an exit router" in capsys.readouterr().err
