@@ -40,6 +40,10 @@ class EvalResult:
     recipe: str | None = None
     ablate_visual: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    # Exit routers: requests per exit layer ("none" = no exit), overall and per family. With exits the
+    # FLOPs figures are per-request means over this measured distribution (cost.estimate(exits=...)).
+    exit_layers: dict[str, int] = field(default_factory=dict)
+    exit_layers_per_family: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +93,8 @@ def evaluate(
     total: dict[str, int] = {}
     kept_sum: list[float] | None = None
     text_tokens: list[int] = []
+    exits: dict[str, int] = {}
+    exits_family: dict[str, dict[str, int]] = {}
     bar = tqdm(total=len(items), desc=f"eval {split}", disable=not progress, unit="item")
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -100,6 +106,10 @@ def evaluate(
             correct[it.family] = correct.get(it.family, 0) + int(bool(words) and words[0] == it.answer)
             kept_sum = [a + b for a, b in zip(kept_sum, kept.per_layer)] if kept_sum else list(kept.per_layer)
             text_tokens.append(ids - kept.visual_tokens)
+            where = "none" if kept.exit_layer is None else str(kept.exit_layer)
+            exits[where] = exits.get(where, 0) + 1
+            fam = exits_family.setdefault(it.family, {})
+            fam[where] = fam.get(where, 0) + 1
         bar.update(len(chunk))
     bar.close()
     prefill, ttft = [], []
@@ -108,7 +118,11 @@ def evaluate(
         prefill.append(res.timings.prefill_ms)
         ttft.append(res.timings.ttft_ms)
     mean_text = statistics.fmean(text_tokens)
-    cost = estimate(engine.adapter.shape, engine.recipe, accounting="exact", text_tokens=round(mean_text))
+    measured = None
+    if engine.recipe.exit is not None:
+        measured = {None if k == "none" else int(k): v / len(items) for k, v in exits.items()}
+    cost = estimate(engine.adapter.shape, engine.recipe, accounting="exact", text_tokens=round(mean_text),
+                    exits=measured, weight_formats=())
     return EvalResult(
         accuracy=sum(correct.values()) / len(items),
         per_family={f: correct[f] / total[f] for f in FAMILIES if f in total},
@@ -124,6 +138,8 @@ def evaluate(
         recipe=recipe_path,
         ablate_visual=ablate_visual,
         counts=total,
+        exit_layers=exits if engine.recipe.exit is not None else {},
+        exit_layers_per_family=exits_family if engine.recipe.exit is not None else {},
     )
 
 
@@ -137,4 +153,8 @@ def format_result(result: EvalResult) -> str:
         f"prefill {result.prefill_ms:.1f} ms, TTFT {result.ttft_ms:.1f} ms (median of single requests)",
         "visual tokens after each layer: " + " ".join(f"{k:.0f}" for k in result.kept_per_layer),
     ]
+    if result.exit_layers:
+        shares = sorted(result.exit_layers.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0] != "none" else 0))
+        lines.append("exit layers (FLOPs are per-request means): "
+                     + "  ".join(f"{k}:{v / result.n:.1%}" for k, v in shares))
     return "\n".join(lines)
