@@ -90,7 +90,8 @@ def convert_gguf(
                               progress)
         if quant == "q4_k_m":
             _llamacpp_quantize(lm_path, "q4_k_m")
-        _write_mmproj(mm_path, model, shape, processor, pair_id, keep_class_token, progress)
+        _write_mmproj(mm_path, model, shape, processor, pair_id, keep_class_token, progress,
+                      modules=recipe_module_tensors(recipe))
         recipe.save(tmp / K.RECIPE_FILE)
         types = {K.LM_FILE: _tensor_type_counts(lm_path), K.MMPROJ_FILE: _tensor_type_counts(mm_path)}
         manifest = Manifest(
@@ -391,8 +392,35 @@ def _vision_tensors(model: Any, shape: ModelShape, keep_class_token: bool) -> It
     yield "mm.2.bias", _f32(proj.linear_2.bias)
 
 
+def recipe_module_tensors(recipe: Recipe) -> dict[str, np.ndarray]:
+    """Guide and exit-router weights as `edge_prune.guide.*` / `edge_prune.router.*` mmproj tensors.
+
+    They go into the mmproj because stock llama.cpp refuses a language-model GGUF with tensors its
+    architecture does not use ("wrong number of tensors"), while clip.cpp ignores unknown tensors.
+    """
+    from safetensors.numpy import load_file
+
+    out: dict[str, np.ndarray] = {}
+    files = [("guide", recipe.prune.guides.file if recipe.prune.guides else None),
+             ("router", recipe.exit.router if recipe.exit else None)]
+    for kind, rel in files:
+        if rel is None:
+            continue
+        path = recipe.resolve(rel)
+        if not path.is_file():
+            raise ArtifactError(f"the recipe names {kind} weights {rel!r}, but {path} does not exist; "
+                                "pass the recipe.json that sits beside its module files")
+        for key, value in load_file(str(path)).items():
+            name = f"{K.TENSOR_PREFIX[kind]}{key}"
+            if len(name) >= K.GGUF_MAX_TENSOR_NAME:
+                raise ArtifactError(f"{rel}: tensor {key!r} gives the GGUF name {name!r}, longer than GGUF's "
+                                    f"{K.GGUF_MAX_TENSOR_NAME - 1} characters; shorten the module's parameter names")
+            out[name] = np.ascontiguousarray(value, dtype=np.float32)
+    return out
+
+
 def _write_mmproj(path: Path, model: Any, shape: ModelShape, processor: Any, pair_id: str,
-                  keep_class_token: bool, progress: bool) -> None:
+                  keep_class_token: bool, progress: bool, modules: dict[str, np.ndarray] | None = None) -> None:
     import gguf
 
     vis_cfg = model.config.vision_config
@@ -432,6 +460,8 @@ def _write_mmproj(path: Path, model: Any, shape: ModelShape, processor: Any, pai
                            desc=f"gguf: {path.name} (f16)", disable=not progress, unit="tensor"):
         big_matrix = data.ndim >= 2 and name != "v.position_embd.weight"
         w.add_tensor(name, data.astype(np.float16 if big_matrix else np.float32))
+    for name, data in (modules or {}).items():
+        w.add_tensor(name, data)
     _finish(w)
 
 

@@ -284,10 +284,15 @@ class LlamaCppSession:
                           "running unpruned", stacklevel=3)
             return None
         try:
-            return Recipe.from_dict(json.loads(text), source=f"{self.lm_path.name}:{K.KEY_RECIPE}")
+            recipe = Recipe.from_dict(json.loads(text), source=f"{self.lm_path.name}:{K.KEY_RECIPE}")
         except (json.JSONDecodeError, RecipeError) as exc:
             raise ArtifactError(f"{self.lm_path}: key {K.KEY_RECIPE} holds no valid recipe ({exc}); "
                                 "re-run `edge-prune convert`") from exc
+        if recipe.exit is not None and not self.options.exit_after_prefill:
+            warnings.warn("the recipe's exit router reads a decoder layer's hidden states, which llama.cpp does "
+                          "not expose; running without per-request exits (exit_after_prefill=True drops the "
+                          "visual tokens from the KV cache after prefill instead)", stacklevel=3)
+        return recipe
 
     def _image_token_id(self) -> int | None:
         if K.KEY_IMAGE_TOKEN_ID in self.meta:

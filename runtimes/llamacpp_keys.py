@@ -29,5 +29,9 @@ KEYS_VERSION = 1
 KEY_MMPROJ_PAIR_ID = KEY_PAIR_ID
 KEY_MMPROJ_CLASS_TOKEN = "edge_prune.vision.class_token"  # bool: whether v.class_embd was written
 
+# Learned recipe modules (guides, exit routers) as extra mmproj tensors: name = prefix + safetensors key.
+TENSOR_PREFIX = {"guide": "edge_prune.guide.", "router": "edge_prune.router."}
+GGUF_MAX_TENSOR_NAME = 64  # GGML_MAX_NAME, terminating NUL included
+
 # llama.cpp's own clip key that gguf-py's writer has no helper for (tools/mtmd/clip-impl.h).
 KEY_CLIP_FEATURE_LAYER = "clip.vision.feature_layer"

@@ -216,3 +216,25 @@ def test_q4_k_m_uses_llamacpps_quantizer(tiny_llava_dir, tmp_path, images):
         warnings.simplefilter("error")  # the recipe keys survive llama.cpp's quantizer: no warning
         s = load(tmp_path / "q4km", n_threads=2)
     assert s.recipe is not None and s.generate(images[0], PROMPT, max_new_tokens=2).tokens[0]
+
+
+def test_guide_weights_travel_in_the_mmproj(tiny_llava_dir, tmp_path, images):
+    """Stock llama.cpp rejects extra tensors in the language-model GGUF, clip.cpp ignores them in the mmproj."""
+    from gguf import GGUFReader
+    from safetensors.numpy import save_file
+
+    from edge_prune.recipe import GuideSpec
+
+    sig = load_shape(tiny_llava_dir).signature()
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    save_file({"layers.1.q.weight": np.ones((4, 64), np.float32)}, str(folder / "guides.safetensors"))
+    recipe = Recipe(model=sig, prune=PruneSpec(scorer="guide", keep_after=[1.0, 0.5, 0.5, 0.5],
+                                               guides=GuideSpec(file="guides.safetensors", layers=[1], rank=4)))
+    recipe.save(folder / "recipe.json")
+    convert_gguf(tiny_llava_dir, tmp_path / "art", recipe=folder / "recipe.json", progress=False)
+    names = {t.name for t in GGUFReader(str(tmp_path / "art" / K.MMPROJ_FILE)).tensors}
+    assert "edge_prune.guide.layers.1.q.weight" in names
+    assert (tmp_path / "art" / "guides.safetensors").is_file()  # recipe.json in the artifact stays loadable
+    kept = load(tmp_path / "art", n_threads=2).generate(images[0], PROMPT, max_new_tokens=2).kept[0]
+    assert kept.input_level and kept.scorer == "pool" and kept.entered_decoder == (64 + 64 + 32 + 32) // 4
