@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     arts = {}
     for q in QUANTS:
         arts[q] = args.work / q
-        convert_gguf(model_dir, arts[q], quant=q, progress=False)
+        convert_gguf(model_dir, arts[q], quant=q, overwrite=True, progress=False)
     report["artifact_mb"] = {q: round(sum(f.stat().st_size for f in a.iterdir()) / 2**20, 2) for q, a in arts.items()}
 
     hf = transformers_answers(model_dir, items)
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = baseline_recipe(shape, "fastv", fr, k=2)
         eng_acc, _ = engine_accuracy(model_dir, recipe, items)
         art = args.work / f"fastv-{fr}"
-        convert_gguf(model_dir, art, recipe=recipe, quant="f16", progress=False)
+        convert_gguf(model_dir, art, recipe=recipe, quant="f16", overwrite=True, progress=False)
         r = runtime_run(art, items, args.threads, f"mapped fastv {fr}")
         mapped.append({"recipe": f"fastv K=2 at -{int(fr * 100)}% FLOPs", "engine_accuracy": eng_acc,
                        "llamacpp_accuracy": accuracy(r["answers"], items), "input_count": r["entered_decoder"],

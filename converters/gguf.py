@@ -57,6 +57,7 @@ def convert_gguf(
     recipe: Recipe | str | os.PathLike[str] | None = None,
     quant: str = "f16",
     keep_class_token: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> GGUFConversion:
     """Write model.gguf + mmproj.gguf + recipe.json + manifest.json into `out_dir`, atomically.
@@ -83,7 +84,7 @@ def convert_gguf(
     vocab = read_bpe_vocab(model_dir / "tokenizer.json", tokenizer, shape.vocab_size)
     pair_id = _pair_id(model_dir, recipe)
 
-    with _atomic_artifact_dir(out_dir) as tmp:
+    with _atomic_artifact_dir(out_dir, overwrite) as tmp:
         lm_path, mm_path = tmp / K.LM_FILE, tmp / K.MMPROJ_FILE
         lm_quant = "f16" if quant == "q4_k_m" else quant
         _write_language_model(lm_path, model, shape, vocab, tokenizer, processor, recipe, pair_id, lm_quant,
@@ -334,12 +335,28 @@ def _write_language_model(path: Path, model: Any, shape: ModelShape, vocab: BPEV
     w.add_uint32(K.KEY_IMAGE_TOKEN_ID, int(model.config.image_token_id))
     w.add_uint32(K.KEY_NUM_VISUAL_TOKENS, shape.num_visual_tokens)
     w.add_string(K.KEY_SOURCE_ARCHITECTURE, shape.architecture)
+    edge, crop = _resize_and_crop(processor.image_processor)
+    w.add_uint32(K.KEY_RESIZE_SHORTEST_EDGE, edge)
+    w.add_uint32(K.KEY_CROP_SIZE, crop)
     names = 3 + 9 * shape.num_layers - (1 if shape.tie_word_embeddings else 0)
     for name, data in tqdm(_language_tensors(model, shape), total=names, desc=f"gguf: {path.name} ({quant})",
                            disable=not progress, unit="tensor"):
         stored, qtype = _quantized(name, data, quant)
         w.add_tensor(name, stored, raw_dtype=qtype)
     _finish(w)
+
+
+def _resize_and_crop(image_processor: Any) -> tuple[int, int]:
+    """(shortest edge, square crop side) of a CLIP image processor; 0 where the step is off."""
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
+    edge = get(size, "shortest_edge") if getattr(image_processor, "do_resize", True) else None
+    side = get(crop, "height") if getattr(image_processor, "do_center_crop", True) else None
+    if side is not None and get(crop, "width") != side:
+        raise ModelError(f"image processor crops to {crop}; llama.cpp's llava encoder takes square images only")
+    return int(edge or 0), int(side or 0)
 
 
 def _llamacpp_quantize(path: Path, quant: str) -> None:
@@ -478,8 +495,9 @@ class _atomic_artifact_dir:
     leaves either the old artifact or the new one, never half of one. (GGUF-local until the shared
     converters/artifact.py lands.)"""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, overwrite: bool):
         self.out_dir = out_dir
+        self.overwrite = overwrite
 
     def __enter__(self) -> Path:
         out = self.out_dir
@@ -487,6 +505,8 @@ class _atomic_artifact_dir:
             raise ArtifactError(
                 f"{out} exists and is not an edge-prune artifact; choose a new or empty output directory"
             )
+        if out.exists() and any(out.iterdir()) and not self.overwrite:
+            raise ArtifactError(f"{out} already exists; choose another -o directory or pass --overwrite")
         out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         return self.tmp

@@ -81,12 +81,20 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 # ---- run ----------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge_prune.engine import PrunedEngine
-
-    engine = PrunedEngine.load(args.model, recipe=args.recipe, device=args.device)
     image = None if args.image is None else Path(args.image)
-    result = engine.generate(args.prompt, image, max_new_tokens=args.max_new_tokens,
-                             do_sample=args.sample, temperature=args.temperature, seed=args.seed)
+    if (Path(args.model) / "manifest.json").is_file():  # a converted artifact: its runtime, its recipe
+        from edge_prune.runtimes import load
+
+        if args.recipe or args.sample:
+            raise InputError("an artifact carries its recipe and decodes greedily; drop --recipe/--sample, or "
+                             "re-run `edge-prune convert` with another recipe")
+        result = load(args.model).generate(image, args.prompt, max_new_tokens=args.max_new_tokens)
+    else:
+        from edge_prune.engine import PrunedEngine
+
+        engine = PrunedEngine.load(args.model, recipe=args.recipe, device=args.device)
+        result = engine.generate(args.prompt, image, max_new_tokens=args.max_new_tokens,
+                                 do_sample=args.sample, temperature=args.temperature, seed=args.seed)
     kept = result.kept[0]
     if args.json:
         _print_json({"text": result.text, "tokens": result.tokens[0], "kept": kept.__dict__,
@@ -97,6 +105,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"[visual tokens {kept.visual_tokens} -> {kept.per_layer[-1] if kept.per_layer else 0} "
           f"after the last layer; vision {t.vision_ms:.1f} ms, prefill {t.prefill_ms:.1f} ms, "
           f"TTFT {t.ttft_ms:.1f} ms, decode {t.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+# ---- convert ------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        from edge_prune.converters.gguf import convert_gguf
+
+        convert_gguf(args.model, args.output, recipe=args.recipe, quant=args.quant or "f16",
+                     overwrite=args.overwrite, progress=not args.json)
+    else:
+        from edge_prune.converters.executorch import ConvertOptions, convert
+
+        options = ConvertOptions(backend=args.backend, quant=args.quant or "none", overwrite=args.overwrite,
+                                 progress=not args.json)
+        convert(args.model, args.recipe, args.output, options)
+    from edge_prune.runtimes import read_manifest
+
+    manifest = read_manifest(args.output)
+    if args.json:
+        _print_json(manifest.to_dict())
+    else:
+        print(f"{args.output}: {manifest.backend} artifact, quant {manifest.quant}, files {', '.join(manifest.files)}")
     return 0
 
 
@@ -238,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("convert", help="bake a checkpoint + recipe into an on-device artifact (ExecuTorch or GGUF)")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--recipe", help="recipe.json (default: keep every token)")
+    p.add_argument("--format", choices=("executorch", "gguf"), required=True)
+    p.add_argument("--quant", choices=("none", "8da4w", "int8", "f16", "q8_0", "q4_0", "q4_k_m"),
+                   help="executorch: none|8da4w|int8 (default none); gguf: f16|q8_0|q4_0|q4_k_m (default f16)")
+    p.add_argument("--backend", default="xnnpack", help="executorch delegate: xnnpack|vulkan|coreml|qnn")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("baseline", help="a baseline recipe (fastv, random, pool) at a FLOPs-reduction budget")
     p.add_argument("path", help="checkpoint directory or config.json")

@@ -405,22 +405,52 @@ class LlamaCppSession:
             mtmd_cpp.mtmd_bitmap_free(bitmap.ptr)
 
     def _bitmap(self, image: Any) -> _Bitmap:
+        """An image as llama.cpp's encoder input, resized and centre-cropped as the checkpoint's processor does.
+
+        Pillow (when installed) decodes files and does the resize; without it llama.cpp decodes the file
+        and applies its own llava preprocessing (padding non-square images to a square)."""
+        try:
+            from PIL import Image
+        except ImportError:
+            Image = None
         if isinstance(image, (str, Path)):
             p = Path(image)
             if not p.is_file():
                 raise InputError(f"image file not found: {p}")
-            bitmap = mtmd_cpp.mtmd_helper_bitmap_init_from_file(self._mtmd, str(p).encode())
-            if not bitmap:
-                raise InputError(f"{p} is not a readable image; pass a PNG or JPEG file")
-            return _Bitmap(bitmap)
-        if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image, without importing PIL
-            image = np.asarray(image.convert("RGB"))
+            if Image is None:
+                bitmap = mtmd_cpp.mtmd_helper_bitmap_init_from_file(self._mtmd, str(p).encode(), False)
+                if not bitmap:
+                    raise InputError(f"{p} is not a readable image; pass a PNG or JPEG file")
+                return _Bitmap(bitmap)
+            try:
+                with Image.open(p) as im:
+                    image = im.convert("RGB")
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{p} is not a readable image ({exc}); pass a PNG or JPEG file") from exc
+        if isinstance(image, np.ndarray) and Image is not None and image.ndim == 3 and image.shape[2] in (3, 4):
+            image = Image.fromarray(image[..., :3].astype(np.uint8))
+        if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
+            image = np.asarray(self._resize_and_crop(image.convert("RGB")))
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise InputError(f"image of type {type(image).__name__}; pass a path, a PIL image or an HxWx3 uint8 array")
         rgb = np.ascontiguousarray(image[..., :3].astype(np.uint8))
         h, w = rgb.shape[:2]
         data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
         return _Bitmap(mtmd_cpp.mtmd_bitmap_init(w, h, data))
+
+    def _resize_and_crop(self, image: Any) -> Any:
+        """CLIP processor steps (bicubic shortest-edge resize, centre crop) on a PIL image."""
+        edge = int(self.meta.get(K.KEY_RESIZE_SHORTEST_EDGE, 0))
+        crop = int(self.meta.get(K.KEY_CROP_SIZE, 0))
+        w, h = image.size
+        if edge and min(w, h) != edge:
+            scale = edge / min(w, h)
+            w, h = (edge, max(1, int(h * scale))) if w <= h else (max(1, int(w * scale)), edge)
+            image = image.resize((w, h), resample=3)  # PIL.Image.BICUBIC, as CLIP's processor
+        if crop and (w, h) != (crop, crop):
+            left, top = (w - crop) // 2, (h - crop) // 2
+            image = image.crop((left, top, left + crop, top + crop))
+        return image
 
     def select_visual(self, features: np.ndarray) -> tuple[np.ndarray, KeptTokens]:
         """Input-level pruning: the embeddings to feed (consecutive positions) and what was kept."""

@@ -23,6 +23,10 @@ KEY_PAIR_ID = "edge_prune.pair_id"  # str: also written into the mmproj; both fi
 KEY_IMAGE_TOKEN_ID = "edge_prune.image_token_id"  # u32: the <image> placeholder token
 KEY_NUM_VISUAL_TOKENS = "edge_prune.num_visual_tokens"  # u32: visual tokens per image (unpruned)
 KEY_SOURCE_ARCHITECTURE = "edge_prune.source_architecture"  # str: e.g. LlavaForConditionalGeneration
+# The checkpoint's image processor (CLIP: resize the shortest edge, centre-crop), so the runtime can
+# give llama.cpp's encoder exactly the pixels transformers would (llama.cpp pads non-square images instead).
+KEY_RESIZE_SHORTEST_EDGE = "edge_prune.vision.resize_shortest_edge"  # u32, 0 = no resize
+KEY_CROP_SIZE = "edge_prune.vision.crop_size"  # u32, 0 = no centre crop
 KEYS_VERSION = 1
 
 # Written into the mmproj too (clip.cpp ignores keys it does not know).

@@ -150,7 +150,9 @@ def test_interrupted_convert_leaves_the_old_artifact(f16_artifact, tiny_llava_di
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(conv, "_write_mmproj", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(ArtifactError, match="--overwrite"):
         conv.convert_gguf(tiny_llava_dir, target, quant="q8_0", progress=False)
+    with pytest.raises(RuntimeError, match="disk full"):
+        conv.convert_gguf(tiny_llava_dir, target, quant="q8_0", overwrite=True, progress=False)
     assert read_manifest(target).files == before and read_manifest(target).quant == "f16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]

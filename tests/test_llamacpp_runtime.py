@@ -238,3 +238,19 @@ def test_guide_weights_travel_in_the_mmproj(tiny_llava_dir, tmp_path, images):
     assert (tmp_path / "art" / "guides.safetensors").is_file()  # recipe.json in the artifact stays loadable
     kept = load(tmp_path / "art", n_threads=2).generate(images[0], PROMPT, max_new_tokens=2).kept[0]
     assert kept.input_level and kept.scorer == "pool" and kept.entered_decoder == (64 + 64 + 32 + 32) // 4
+
+
+def test_cli_convert_and_run_an_artifact(tiny_llava_dir, tmp_path, images, capsys):
+    from edge_prune.cli import main
+
+    out = tmp_path / "cli-art"
+    assert main(["convert", str(tiny_llava_dir), "--format", "gguf", "--quant", "q8_0", "-o", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quant"] == "q8_0"
+    assert main(["convert", str(tiny_llava_dir), "--format", "gguf", "-o", str(out)]) == 2  # exists, no --overwrite
+    capsys.readouterr()
+    images[1].save(tmp_path / "img.png")
+    assert main(["run", str(out), "--image", str(tmp_path / "img.png"), "--prompt", PROMPT, "--json",
+                 "--max-new-tokens", "3"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    ref = PrunedEngine.load(tiny_llava_dir).generate(PROMPT, tmp_path / "img.png", max_new_tokens=3)
+    assert shown["tokens"][0] == ref.tokens[0][0] and shown["kept"]["entered_decoder"] == 64
