@@ -1,0 +1,481 @@
+"""Train the benchmark's small LLaVA from scratch on the synthetic VQA generator.
+
+A real `LlavaForConditionalGeneration` (CLIP tower, 2-layer GELU projector, Llama decoder,
+576 visual tokens as LLaVA-1.5) that every pruning-quality claim is measured against.
+Each training sequence is one image with many Q/A turns (loss on answers only), which
+amortises the 576 visual tokens so the model trains on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from edge_prune.bench.generator import FAMILIES, IMAGE_SIZE, QA, iter_items, make_conversation
+from edge_prune.bench.tokenizer import ASSISTANT, EOS, IMAGE, USER, build_tokenizer, prompt
+
+DEFAULT_OUT = Path("benchmarks/models/toyvqa-llava")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TrainConfig:
+    """Model shape and optimisation settings; the defaults are the published benchmark model."""
+
+    patch_size: int = 8  # 192 px / 8 = 24 x 24 = 576 visual tokens, as LLaVA-1.5
+    vision_hidden: int = 96
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 384
+    text_hidden: int = 192
+    text_layers: int = 8
+    text_heads: int = 6
+    text_kv_heads: int = 2
+    text_intermediate: int = 512
+    vocab_size: int = 512
+    steps: int = 6000
+    batch_size: int = 4
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 80
+    weight_decay: float = 0.05
+    turns_per_family: int = 5
+    seed: int = 1234
+    eval_every_s: float = 600.0
+    eval_n: int = 140
+    checkpoint_every_s: float = 900.0
+    max_minutes: float = 95.0  # wall-time budget that also drives the LR schedule; 0 = steps only
+    test_n: int = 2100  # final test-split accuracy recorded with the model (0 = skip)
+    ablation_n: int = 700  # same with every visual token replaced by the mean one (0 = skip)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return (IMAGE_SIZE // self.patch_size) ** 2
+
+
+SMOKE = dict(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64, text_hidden=32,
+             text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=64, steps=3, batch_size=2,
+             warmup_steps=1, turns_per_family=1, eval_n=7, eval_every_s=1e9, checkpoint_every_s=1e9,
+             test_n=0, ablation_n=0, max_minutes=0.0)
+
+
+def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 layout at toy size: CLIP tower (CLS dropped), GELU MLP projector, Llama with GQA."""
+    if IMAGE_SIZE % cfg.patch_size:
+        raise ValueError(f"patch_size must divide the image size {IMAGE_SIZE}, got {cfg.patch_size}")
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+        image_size=IMAGE_SIZE, patch_size=cfg.patch_size, hidden_act="quick_gelu", projection_dim=cfg.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        # the last layer: with a tower this shallow the penultimate would waste a layer
+        vision_feature_layer=-1, image_seq_length=cfg.num_visual_tokens,
+    )
+    config._attn_implementation = "sdpa"
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, patch_size: int) -> LlavaProcessor:
+    """Processor that expands `<image>` to exactly (IMAGE_SIZE/patch)^2 image tokens."""
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_resize=True, do_center_crop=True, do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token=IMAGE, chat_template=tokenizer.chat_template,
+    )
+
+
+@dataclass
+class FlopsShare:
+    """Prefill FLOPs of one single-question prompt, split by component (exact matmul accounting)."""
+
+    vision: float
+    projector: float
+    decoder: float
+
+    @property
+    def vision_share(self) -> float:
+        return self.vision / (self.vision + self.projector + self.decoder)
+
+
+def prefill_flops(model: LlavaForConditionalGeneration, prompt_tokens: int) -> FlopsShare:
+    """Matmul FLOPs (2 per MAC) of one prefill; attention counted over the full n x n map."""
+    v, t = model.config.vision_config, model.config.text_config
+    n_v = (v.image_size // v.patch_size) ** 2 + 1
+    d = v.hidden_size
+    vision = 2 * (n_v - 1) * 3 * v.patch_size**2 * d
+    vision += v.num_hidden_layers * (2 * n_v * (4 * d * d + 2 * d * v.intermediate_size) + 4 * n_v * n_v * d)
+    n_img = n_v - 1
+    projector = 2 * n_img * (d * t.hidden_size + t.hidden_size * t.hidden_size)
+    h, kv = t.hidden_size, t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    per_layer = 2 * prompt_tokens * (2 * h * h + 2 * h * kv + 3 * h * t.intermediate_size) + 4 * prompt_tokens**2 * h
+    decoder = t.num_hidden_layers * per_layer + 2 * h * t.vocab_size  # logits of the last token only
+    return FlopsShare(float(vision), float(projector), float(decoder))
+
+
+def pixel_values(images: Sequence, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """CLIP normalisation, identical to the saved CLIPImageProcessor at the native size (no resize)."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+    arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(dtype)
+
+
+def conversation_text(qas: Sequence[QA], n_visual: int) -> tuple[str, list[tuple[int, int]]]:
+    """Multi-turn LLaVA-1.5 text with `<image>` expanded, and the char spans of answers (+ </s>)."""
+    text = f"{USER} {IMAGE * n_visual}\n"
+    spans = []
+    for i, qa in enumerate(qas):
+        if i:
+            text += f"{USER} "
+        text += f"{qa.question} {ASSISTANT}"
+        start = len(text)
+        text += f" {qa.answer}{EOS}"
+        spans.append((start, len(text)))
+    return text, spans
+
+
+def make_batch(
+    tokenizer: PreTrainedTokenizerFast, split: str, indices: Sequence[int], turns_per_family: int, n_visual: int
+) -> dict[str, torch.Tensor]:
+    """Padded batch of conversations; labels are -100 everywhere except answer tokens and </s>."""
+    images, ids, labels = [], [], []
+    for index in indices:
+        image, qas = make_conversation(split, index, turns_per_family)
+        text, spans = conversation_text(qas, n_visual)
+        enc = tokenizer(text, return_offsets_mapping=True)
+        lab = [-100] * len(enc["input_ids"])
+        for k, (a, b) in enumerate(enc["offset_mapping"]):
+            if b > a and any(s <= a and b <= e for s, e in spans):
+                lab[k] = enc["input_ids"][k]
+        images.append(image)
+        ids.append(enc["input_ids"])
+        labels.append(lab)
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    label_t = torch.full((len(ids), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, (x, y) in enumerate(zip(ids, labels)):  # right padding: training needs no generation
+        input_ids[r, : len(x)] = torch.tensor(x)
+        label_t[r, : len(y)] = torch.tensor(y)
+        mask[r, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values(images)}
+
+
+def _load(model_or_dir: LlavaForConditionalGeneration | str | Path) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    if isinstance(model_or_dir, (str, Path)):
+        model = LlavaForConditionalGeneration.from_pretrained(str(model_or_dir), dtype=torch.float32)
+        processor = LlavaProcessor.from_pretrained(str(model_or_dir))
+        return model, processor
+    processor = getattr(model_or_dir, "_bench_processor", None)
+    if processor is None:
+        raise ValueError("pass a model directory, or a model with its processor attached as `_bench_processor`")
+    return model_or_dir, processor
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model_or_dir: LlavaForConditionalGeneration | str | Path,
+    split: str = "test",
+    n: int = 2100,
+    families: Sequence[str] | None = None,
+    batch_size: int = 16,
+    ablate_visual: bool = False,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Greedy one-word answer accuracy per family (+ 'overall') on `n` generator items.
+
+    With `ablate_visual` every visual token is replaced by the image's mean visual token:
+    if the model really uses the image, accuracy then falls towards chance.
+    """
+    model, processor = _load(model_or_dir)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    hook = None
+    if ablate_visual:
+        projector = model.model.multi_modal_projector
+        hook = projector.register_forward_hook(lambda _m, _i, out: out.mean(dim=1, keepdim=True).expand_as(out))
+    correct: dict[str, int] = {}
+    total: dict[str, int] = {}
+    items = list(iter_items(split, n, families))
+    try:
+        for b in tqdm(range(0, len(items), batch_size), disable=not progress, desc=f"eval {split}"):
+            chunk = items[b : b + batch_size]
+            texts = [prompt(it.question) for it in chunk]
+            inputs = processor(images=[it.image for it in chunk], text=texts, return_tensors="pt", padding=True)
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for it, ans in zip(chunk, answers):
+                words = ans.strip().split()
+                total[it.family] = total.get(it.family, 0) + 1
+                correct[it.family] = correct.get(it.family, 0) + int(bool(words) and words[0] == it.answer)
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+    acc = {f: correct[f] / total[f] for f in FAMILIES if f in total}
+    acc["overall"] = sum(correct.values()) / max(1, sum(total.values()))
+    return acc
+
+
+def _lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warmup by step, then cosine over `progress` in [0, 1] down to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """Share of training done: by steps, or by wall time when --max-minutes is set and binds first.
+
+    A time budget still anneals the learning rate fully on a slow or shared machine; the
+    steps actually run are logged, and `--steps N` without a budget replays them exactly.
+    """
+    by_steps = (step + 1) / cfg.steps
+    if cfg.max_minutes > 0:
+        return max(by_steps, elapsed_s / (cfg.max_minutes * 60))
+    return by_steps
+
+
+def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: Path, meta: dict) -> None:
+    """fp16 safetensors + processor + run metadata; written to a temp dir then swapped in."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    half = copy.deepcopy(model).to(torch.float16)
+    half.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    (tmp / "training_run.json").write_text(json.dumps(meta, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+class _ThreadTuner:
+    """Picks 1 or 2 torch threads by measured seconds per token, re-checked every `every` steps.
+
+    On a small shared CPU a second thread helps when the core is free and hurts badly
+    (threads wait on a descheduled peer) when another process holds it.
+    """
+
+    def __init__(self, choices: Sequence[int], every: int = 60, probe: int = 3) -> None:
+        self.choices, self.every, self.probe = list(choices), every, probe
+        self.cost: dict[int, float] = {}
+        self.current = self.choices[-1]
+        self.samples: list[float] = []
+        torch.set_num_threads(self.current)
+
+    def threads_for(self, step: int) -> int:
+        if len(self.choices) > 1:
+            phase = step % self.every
+            k = phase // self.probe
+            if k < len(self.choices):  # probing window: each choice runs `probe` steps
+                want = self.choices[k]
+            else:
+                want = min(self.cost, key=self.cost.__getitem__) if self.cost else self.current
+            if want != self.current:
+                torch.set_num_threads(want)
+                self.current = want
+        return self.current
+
+    def record(self, step: int, seconds_per_token: float) -> None:
+        phase = step % self.every
+        if len(self.choices) > 1 and phase // self.probe < len(self.choices):
+            self.samples.append(seconds_per_token)
+            if phase % self.probe == self.probe - 1:
+                # drop the first probe step: it pays for the thread switch
+                self.cost[self.current] = float(np.median(self.samples[1:] or self.samples))
+                self.samples = []
+
+
+class _Log:
+    """Writes each record to training_log.txt (human) and training_log.jsonl (machine) and stdout."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.txt = open(out / "training_log.txt", "w")
+        self.jsonl = open(out / "training_log.jsonl", "w")
+
+    def __call__(self, record: dict, text: str) -> None:
+        tqdm.write(text)
+        self.txt.write(text + "\n")
+        self.txt.flush()
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+
+def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2,)) -> LlavaForConditionalGeneration:
+    """Train from a fixed seed and save to `out` (periodic checkpoints there, final save at the end)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out = Path(out)
+    log = _Log(out)
+    tokenizer = build_tokenizer(cfg.vocab_size)
+    processor = build_processor(tokenizer, cfg.patch_size)
+    model = build_model(cfg, tokenizer)
+    model._bench_processor = processor
+    n_visual = cfg.num_visual_tokens
+    n_params = sum(p.numel() for p in model.parameters())
+    prompt_len = len(processor(images=make_conversation("train", 0)[0], text=prompt("What colour is the circle?"))["input_ids"][0])
+    share = prefill_flops(model, prompt_len)
+    log({"event": "config", **asdict(cfg), "params": n_params, "fp16_mb": n_params * 2 / 2**20,
+         "prefill_gflops": (share.vision + share.projector + share.decoder) / 1e9, "vision_share": share.vision_share,
+         "prompt_tokens": prompt_len, "torch_threads": torch.get_num_threads()},
+        f"config {asdict(cfg)}\nparams {n_params / 1e6:.2f}M (fp16 {n_params * 2 / 2**20:.1f} MB), "
+        f"visual tokens {n_visual}, prefill of a {prompt_len}-token prompt: "
+        f"vision {share.vision / 1e9:.3f} GFLOPs, projector {share.projector / 1e9:.3f}, decoder {share.decoder / 1e9:.3f}; "
+        f"vision tower share {100 * share.vision_share:.1f}%")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    model.train()
+    t0 = time.time()
+    last_eval = last_ckpt = t0
+    meta = {"seed": cfg.seed, "config": asdict(cfg), "params": n_params, "vision_flops_share": share.vision_share}
+    tuner = _ThreadTuner(threads)
+    bar = tqdm(range(cfg.steps), desc="train", mininterval=10)
+    ema = None
+    step = 0
+    for step in bar:
+        progress = _progress(step, time.time() - t0, cfg)
+        lr = _lr_at(step, progress, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        indices = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        batch = make_batch(tokenizer, "train", indices, cfg.turns_per_family, n_visual)
+        n_threads = tuner.threads_for(step)
+        t_step = time.time()
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        opt.step()
+        tuner.record(step, (time.time() - t_step) / batch["attention_mask"].sum().item())
+        lv = loss.item()
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+        now = time.time()
+        if step % 10 == 0 or step == cfg.steps - 1:
+            log({"event": "step", "step": step, "loss": lv, "loss_ema": ema, "lr": lr, "progress": progress,
+                 "grad_norm": gnorm, "elapsed_s": now - t0, "threads": n_threads},
+                f"step {step:5d} loss {lv:.4f} ema {ema:.4f} lr {lr:.2e} prog {progress:.3f} gnorm {gnorm:.2f} "
+                f"t {now - t0:.0f}s ({(now - t0) / (step + 1):.2f}s/step, {n_threads} thr)")
+        out_of_time = _progress(step, now - t0, cfg) >= 1.0 and step + 1 < cfg.steps
+        if now - last_eval > cfg.eval_every_s:
+            _log_eval(log, model, cfg, step, now - t0)
+            last_eval = time.time()
+        if now - last_ckpt > cfg.checkpoint_every_s:
+            save(model, processor, out, {**meta, "step": step + 1, "complete": False, "wall_s": time.time() - t0})
+            last_ckpt = time.time()
+        if out_of_time:
+            log({"event": "stop", "step": step, "reason": "max_minutes"}, f"stopping at step {step}: --max-minutes budget spent")
+            break
+    wall = time.time() - t0
+    acc = _log_eval(log, model, cfg, step, wall)
+    meta.update({"step": step + 1, "complete": True, "wall_s": wall, "calib_accuracy": acc})
+    save(model, processor, out, meta)
+    log({"event": "saved", "dir": str(out), "wall_s": wall}, f"saved {out} after {wall / 60:.1f} min")
+    for key, n, ablate in (("test_accuracy", cfg.test_n, False), ("test_accuracy_mean_visual", cfg.ablation_n, True)):
+        if n:
+            # measured on the fp16 weights as saved, so the number describes the published model
+            res = answer_accuracy(out, "test", n, ablate_visual=ablate, progress=True)
+            meta[key] = {"n": n, **res}
+            (out / "training_run.json").write_text(json.dumps(meta, indent=2))
+            log({"event": key, "n": n, "accuracy": res}, f"{key} n={n}: " + " ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    return model
+
+
+def _log_eval(log: _Log, model: LlavaForConditionalGeneration, cfg: TrainConfig, step: int, elapsed: float) -> dict[str, float]:
+    t = time.time()
+    acc = answer_accuracy(model, "calib", cfg.eval_n)
+    log({"event": "eval", "split": "calib", "n": cfg.eval_n, "step": step, "elapsed_s": elapsed, "accuracy": acc},
+        f"eval step {step} calib n={cfg.eval_n} ({time.time() - t:.0f}s): " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    return acc
+
+
+def _keep_freed_memory() -> None:
+    """Stop glibc from returning big freed blocks to the OS: re-faulting them each step
+    costs more than the matmuls on a small CPU (measured ~3x step time)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve large tensors from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never trim the heap
+        libc.mallopt(-2, 2**28)  # M_TOP_PAD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`edge-prune bench train`: train the benchmark model (or a tiny one with --smoke)."""
+    parser = argparse.ArgumentParser(prog="edge-prune bench train", description=__doc__)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model directory")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps (for tests)")
+    parser.add_argument("--threads", default="auto",
+                        help="torch CPU threads, or 'auto' to pick 1 or 2 by measured speed as the step runs")
+    for f in fields(TrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+    args = parser.parse_args(argv)
+    if args.threads == "auto":
+        threads: tuple[int, ...] = (1, 2)
+    elif args.threads.isdigit() and int(args.threads) > 0:
+        threads = (int(args.threads),)
+    else:
+        parser.error(f"--threads must be a positive integer or 'auto', got {args.threads!r}")
+    _keep_freed_memory()
+    overrides = dict(SMOKE) if args.smoke else {}
+    overrides.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
+    cfg = TrainConfig(**overrides)
+    train(cfg, args.out, threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Training the benchmark model: a tiny smoke run saves a model that loads and generates."""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from edge_prune.bench.generator import make_item
+from edge_prune.bench.tokenizer import IMAGE, build_tokenizer, prompt
+from edge_prune.bench.train import (
+    SMOKE,
+    TrainConfig,
+    answer_accuracy,
+    build_model,
+    make_batch,
+    main,
+    pixel_values,
+    prefill_flops,
+)
+
+
+def test_smoke_training_saves_a_loadable_llava(tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    assert main(["--smoke", "--out", str(out), "--threads", "1"]) == 0
+    run = json.loads((out / "training_run.json").read_text())
+    assert run["seed"] == TrainConfig.seed and run["complete"] and run["wall_s"] > 0
+    assert (out / "training_log.txt").read_text().count("step") >= 2
+    assert any(json.loads(line)["event"] == "eval" for line in (out / "training_log.jsonl").open())
+
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert model.dtype == torch.float16
+    processor = AutoProcessor.from_pretrained(out)
+    item = make_item("test", 0)
+    inputs = processor(images=item.image, text=prompt(item.question), return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE)
+    assert int((inputs["input_ids"] == image_id).sum()) == 576  # LLaVA-1.5's 24 x 24 visual tokens
+    assert torch.allclose(inputs["pixel_values"], pixel_values([item.image]))
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+    acc = answer_accuracy(out, "calib", 7)
+    assert set(acc) == {"colour", "shape", "count", "exists", "relation", "position", "detail", "overall"}
+
+
+def test_tokenizer_has_specials_and_single_token_answers() -> None:
+    tok = build_tokenizer()
+    assert len(tok) <= 1024
+    for special in ("<s>", "</s>", "<pad>", "<unk>", IMAGE):
+        assert tok.convert_tokens_to_ids(special) != tok.unk_token_id or special == "<unk>"
+    for answer in ("red", "triangle", "northwest", "below", "seven", "7", "yes"):
+        assert len(tok.tokenize(" " + answer)) == 1
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red cross?"}]}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    assert text == prompt("Is there a red cross?")
+
+
+def test_labels_cover_only_answers() -> None:
+    tok = build_tokenizer()
+    batch = make_batch(tok, "train", [0, 1], turns_per_family=1, n_visual=576)
+    labelled = batch["labels"][batch["labels"] != -100]
+    words = set(tok.decode([int(t)]).strip() for t in labelled)
+    assert "</s>" in words and not {"USER", "ASSISTANT", "<image>"} & words
+
+
+def test_default_model_meets_the_design_limits() -> None:
+    cfg = TrainConfig()
+    model = build_model(cfg, build_tokenizer(cfg.vocab_size))
+    assert cfg.num_visual_tokens == 576
+    assert model.config.text_config.num_hidden_layers >= 8
+    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
+    assert sum(p.numel() for p in model.parameters()) * 2 < 25e6  # fp16 bytes
+    assert prefill_flops(model, 600).vision_share <= 0.15
+    assert SMOKE["steps"] < cfg.steps
