@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
-from edge_prune.cost import estimate, prefill_breakdown
+from edge_prune.cli import main
+from edge_prune.cost import decoder_parameters, estimate, prefill_breakdown
 from edge_prune.engine import PrunedEngine
 from edge_prune.errors import RecipeError
+from edge_prune.fit.calibration import load_calibration
+from edge_prune.fit.guides import (GuideConfig, GuideFitter, check_guide_budget, default_guide_rank,
+                                   parse_schedule, schedule_keep_after)
+from edge_prune.fit.training import TrainingInterrupted
 from edge_prune.models.adapter import LlavaAdapter
 from edge_prune.recipe import GuideSpec, PruneSpec, Recipe
 from edge_prune.scoring import GuideSet
@@ -157,20 +168,8 @@ def test_cost_counts_the_guides(llava, tmp_path):
 
 
 # ---- fitting ---------------------------------------------------------------------------------------
-import os  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from edge_prune.cli import main  # noqa: E402
-from edge_prune.cost import decoder_parameters  # noqa: E402
-from edge_prune.fit.calibration import load_calibration  # noqa: E402
-from edge_prune.fit.guides import (GuideConfig, GuideFitter, check_guide_budget, default_guide_rank,  # noqa: E402
-                                   parse_schedule, schedule_keep_after)
-from edge_prune.fit.training import TrainingInterrupted  # noqa: E402
 
 SCHEDULE = "0.5@1,0.25@2,0.1@3"
 

@@ -4,20 +4,31 @@ cost, bad files, and fitting."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from edge_prune.cost import estimate, prefill_breakdown, token_schedule
+from edge_prune.cli import main
+from edge_prune.cost import decoder_parameters, estimate, prefill_breakdown, token_schedule
 from edge_prune.engine import PrunedEngine
 from edge_prune.errors import RecipeError
+from edge_prune.fit.calibration import load_calibration
+from edge_prune.fit.routers import (ExitLabels, RouterConfig, RouterFitter, check_router_budget,
+                                    default_router_rank)
+from edge_prune.fit.training import TrainingInterrupted
 from edge_prune.models.adapter import LlavaAdapter
 from edge_prune.recipe import ExitSpec, GuideSpec, PruneSpec, Recipe
 from edge_prune.scoring import ExitRouter, GuideSet
 from tests.conftest import PROMPTS
 from tests.reference import reference_logits
+from tests.test_guides import write_calib
 
 EXIT_LAYERS = [0, 1, 2]
 RANK = 4
@@ -160,21 +171,8 @@ def test_expected_flops_over_the_exit_distribution(llava, tmp_path):
 
 
 # ---- fitting ---------------------------------------------------------------------------------------
-import os  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from edge_prune.cli import main  # noqa: E402
-from edge_prune.cost import decoder_parameters  # noqa: E402
-from edge_prune.fit.calibration import load_calibration  # noqa: E402
-from edge_prune.fit.routers import (ExitLabels, RouterConfig, RouterFitter, check_router_budget,  # noqa: E402
-                                    default_router_rank)
-from edge_prune.fit.training import TrainingInterrupted  # noqa: E402
-from tests.test_guides import write_calib  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from edge_prune.cost import decoder_parameters, estimate
