@@ -25,6 +25,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from edge_prune.cost import parameter_count
     from edge_prune.models.shapes import load_shape
 
+    if (Path(args.path) / "manifest.json").is_file():  # a converted artifact
+        from edge_prune.converters.artifact import describe
+
+        info, lines = describe(args.path)
+        if args.json:
+            _print_json(info)
+        else:
+            print("\n".join(lines))
+        return 0
     shape = load_shape(args.path)
     sig = shape.signature()
     info = {
@@ -119,7 +128,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from edge_prune.converters.executorch import ConvertOptions, convert
 
         options = ConvertOptions(backend=args.backend, quant=args.quant or "none", overwrite=args.overwrite,
-                                 progress=not args.json)
+                                 progress=not args.json, max_prompt_tokens=args.max_prompt_tokens,
+                                 max_new_tokens=args.max_new_tokens_cap, group_size=args.group_size,
+                                 segment_boundaries=args.segments, qnn_soc=args.qnn_soc)
         convert(args.model, args.recipe, args.output, options)
     from edge_prune.runtimes import read_manifest
 
@@ -243,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-prune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="describe a LLaVA checkpoint (or its config.json)")
-    p.add_argument("path", help="checkpoint directory or config.json")
+    p = sub.add_parser("inspect", help="describe a LLaVA checkpoint (or its config.json), or a converted artifact")
+    p.add_argument("path", help="checkpoint directory, config.json, or artifact directory (with manifest.json)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
@@ -277,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=("none", "8da4w", "int8", "f16", "q8_0", "q4_0", "q4_k_m"),
                    help="executorch: none|8da4w|int8 (default none); gguf: f16|q8_0|q4_0|q4_k_m (default f16)")
     p.add_argument("--backend", default="xnnpack", help="executorch delegate: xnnpack|vulkan|coreml|qnn")
+    p.add_argument("--max-prompt-tokens", type=int, default=256,
+                   help="executorch: most text tokens in one prompt (the image's tokens come on top)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens_cap", type=int, default=128,
+                   help="executorch: KV-cache room for generated tokens")
+    p.add_argument("--group-size", type=int, default=32, help="executorch 8da4w: int4 weight group size")
+    p.add_argument("--segments", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                   help="executorch: split the prefill before these decoder layers, e.g. 4 or 2,4,6")
+    p.add_argument("--qnn-soc", default="SM8650", help="executorch qnn: target Snapdragon SoC")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--json", action="store_true")

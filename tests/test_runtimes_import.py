@@ -71,3 +71,16 @@ def test_llamacpp_runtime_imports_without_torch_or_transformers():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_executorch_runtime_imports_without_torch_or_transformers():
+    """Importing the runtime needs no torch; only opening a session loads the executorch bindings."""
+    script = BLOCKER.replace(
+        "import edge_prune.runtimes, edge_prune.runtimes.manifest",
+        "import edge_prune.runtimes, edge_prune.runtimes.executorch, edge_prune.runtimes.preprocess, "
+        "edge_prune.runtimes.tokenizer",
+    )
+    assert "edge_prune.runtimes.executorch," in script
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,707 @@
+"""Convert a LLaVA checkpoint + recipe into an ExecuTorch artifact (.pte with the recipe baked in).
+
+One program, several methods (names in `edge_prune.runtimes.executorch`):
+  vision_encoder(pixel_values [1,3,S,S]) -> visual features [1, N, d]  (CLIP + feature layer + projector)
+  token_embedding(ids [1,T]) -> [1, T, d]
+  prefill(text_embeds [1,T,d], visual_embeds [1,N,d], image_start [1]) -> logits [1, vocab]
+      (or prefill_0 .. prefill_{k-1} when the decoder is split into segments, see `segments`)
+  prefill_text(text_embeds [1,T,d]) -> logits            a prompt without an image (never pruned)
+  decode(token [1,1], position [1], text_len [1], visual_len [L]) -> logits [1, vocab]
+
+The prefill keeps the working set as [visual tokens ; text tokens]. Visual counts are static
+per layer (the recipe's round(keep_after[i] * N)); only the text length T is dynamic
+(torch.export.Dim, max `max_prompt_tokens`). Attention masks come from explicit position ids
+(a key is visible when its original position is not later than the query's), so dropping visual
+rows never renumbers anything: kept tokens keep their positions. After layer i's attention the
+recipe's scorer ranks the visual tokens from that attention's own probabilities and a stable
+rank (ties to the earlier token, exactly as edge_prune.scoring.select_visual) keeps the best.
+
+KV cache: one mutable buffer pair per decoder layer, shared by prefill and decode
+(`share_mutable_buffers`). Layer i's buffer is [1, kv_heads, seen_i + text_capacity, head_dim]:
+slots [0, seen_i) hold the visual tokens its attention saw, then the text tokens, prompt and
+generated, so its length reflects the pruning (a layer after a 90% drop holds 10% of the image).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edge_prune.converters.artifact import ArtifactWriter
+from edge_prune.errors import ArtifactError, ModelError, RecipeError
+from edge_prune.recipe import Recipe
+from edge_prune.runtimes.executorch import (
+    DECODE,
+    EMBED,
+    PREFILL_TEXT,
+    PTE_FILE,
+    VISION,
+    DelegationSummary,
+    MethodDelegation,
+    ProgramSpec,
+    exit_method_names,
+    prefill_method_names,
+)
+from edge_prune.runtimes.preprocess import PREPROCESS_FILE, ImageConfig
+from edge_prune.runtimes.tokenizer import CHAT_FILE, TOKENIZER_FILE, ChatFormat
+
+BACKENDS = ("xnnpack", "vulkan", "coreml", "qnn")
+QUANTS = ("none", "8da4w", "int8")
+DEFAULT_MAX_PROMPT_TOKENS = 256  # text tokens of one prompt (the image's tokens are extra)
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_GROUP_SIZE = 32  # 8da4w weight group (ExecuTorch's LLM export default for 8da4w)
+RECIPE_FILE = "recipe.json"
+_QUESTION = "\x00QUESTION\x00"  # placeholder used to pre-render the chat template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConvertOptions:
+    """Everything `edge-prune convert --format executorch` can be told."""
+
+    backend: str = "xnnpack"
+    quant: str = "none"
+    group_size: int = DEFAULT_GROUP_SIZE
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    # Decoder layer boundaries of the prefill segments, e.g. [4] splits 8 layers into 0-3 and 4-7.
+    # Empty = one prefill method (the default; see benchmarks/executorch_segments.py for why).
+    segment_boundaries: list[int] = field(default_factory=list)
+    qnn_soc: str = "SM8650"
+    text_only_prefill: bool = True  # export prefill_text, for prompts without an image
+    overwrite: bool = False
+    progress: bool = True
+
+    def check(self, num_layers: int) -> None:
+        if self.backend not in BACKENDS:
+            raise ArtifactError(f"--backend is {self.backend!r}; expected one of {', '.join(BACKENDS)}")
+        if self.quant not in QUANTS:
+            raise ArtifactError(f"--quant is {self.quant!r}; expected one of {', '.join(QUANTS)}")
+        if self.max_prompt_tokens < 2 or self.max_new_tokens < 1:
+            raise ArtifactError(
+                f"--max-prompt-tokens {self.max_prompt_tokens} / --max-new-tokens {self.max_new_tokens}; "
+                "expected at least 2 and 1"
+            )
+        if self.group_size <= 0:
+            raise ArtifactError(f"--group-size is {self.group_size}; expected a positive integer such as 32")
+        bounds = self.segment_boundaries
+        if sorted(set(bounds)) != list(bounds) or any(not 0 < b < num_layers for b in bounds):
+            raise ArtifactError(
+                f"segment boundaries {bounds} must be increasing layer indices in [1, {num_layers - 1}]"
+            )
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    spec: ProgramSpec
+    delegation: DelegationSummary
+    pte_bytes: int
+    seconds: float
+
+
+# ---- the exported modules ---------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Per-layer key/value buffers; layer i holds seen[i] visual slots, then text slots."""
+
+    def __init__(self, seen: list[int], text_capacity: int, skip: set[int], kv_heads: int, head_dim: int,
+                 dtype: torch.dtype):
+        super().__init__()
+        for i, n in enumerate(seen):
+            if i in skip:
+                continue
+            shape = (1, kv_heads, n + text_capacity, head_dim)
+            self.register_buffer(f"k_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer(f"v_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"k_{i}"), getattr(self, f"v_{i}")
+
+
+class DecoderParts(nn.Module):
+    """The language model pieces every decoder method uses, plus the shared KV cache (one set of FQNs)."""
+
+    def __init__(self, adapter: Any, recipe: Recipe, spec: ProgramSpec, guides: nn.Module | None = None,
+                 router: nn.Module | None = None):
+        super().__init__()
+        lm = adapter.language_model
+        self.guides = guides  # LVPruning-style scorer modules (scorer "guide"), run in-graph
+        self.router = router  # DyVTE-style exit router, run in-graph at the end of an exit segment
+        self.layers = lm.layers
+        self.norm = lm.norm
+        self.rotary_emb = lm.rotary_emb
+        self.embed_tokens = lm.embed_tokens
+        self.lm_head = adapter.lm_head
+        self.apply_rotary: Callable = adapter.apply_rotary
+        self.scorer = recipe.prune.scorer
+        self.seed = recipe.prune.seed
+        self.spec = spec
+        self.skip = set(spec.skip_attention)
+        first = self.layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.heads = adapter.text_config.num_attention_heads
+        self.kv_heads = adapter.text_config.num_key_value_heads or self.heads
+        d = adapter.text_config.hidden_size
+        self.register_buffer("mean_weight", torch.full((1, d), 1.0 / d, dtype=adapter.embed_tokens.weight.dtype),
+                             persistent=False)
+        self.cache = KVCache(spec.seen, spec.text_capacity, self.skip, self.kv_heads, self.head_dim,
+                             adapter.embed_tokens.weight.dtype)
+
+    def qkv(self, i: int, x: torch.Tensor, positions: torch.Tensor):
+        attn = self.layers[i].self_attn
+        n = x.shape[1]
+        q = attn.q_proj(x).view(1, n, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary_emb(x, positions)
+        q, k = self.apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """[1, H, Q, x] -> [1, KVH, G*Q, x]: the query heads that share a kv head, stacked along the rows.
+
+        Grouped-query attention without repeating K/V (head h reads kv head h // G, as HF's
+        repeat_kv); the matmuls stay plain batched matmuls the delegate takes whole.
+        """
+        return t.reshape(1, self.kv_heads, -1, t.shape[-1])
+
+    def ungrouped(self, t: torch.Tensor, rows: int) -> torch.Tensor:
+        return t.reshape(1, self.heads, rows, t.shape[-1])
+
+    def rms_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """HF's RMSNorm with the mean of squares as a matmul by 1/d: XNNPACK takes a linear but not mean.dim."""
+        mean_sq = torch.nn.functional.linear(x * x, self.mean_weight)
+        return norm.weight * (x * torch.rsqrt(mean_sq + norm.variance_epsilon))
+
+    def attention_probs(self, i: int, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Softmax attention [1, H, Q, K] (float32). `bias` is 0 where a key is visible and the float minimum
+        elsewhere: an add, not a masked_fill, so the delegate keeps the whole attention in one partition."""
+        scaling = self.layers[i].self_attn.scaling
+        rows = q.shape[2]
+        logits = self.ungrouped(torch.matmul(self.grouped(q), k.transpose(-1, -2)), rows) * scaling
+        return torch.softmax((logits + bias).float(), dim=-1)
+
+    def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """probs [1, H, Q, K] x values [1, KVH, K, hd] -> [1, Q, H * hd]."""
+        rows = probs.shape[2]
+        out = self.ungrouped(torch.matmul(self.grouped(probs.to(v.dtype)), v), rows)
+        return out.transpose(1, 2).reshape(1, rows, -1)
+
+    @staticmethod
+    def bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (~allowed).to(dtype) * torch.finfo(dtype).min
+
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.rms_norm(self.norm, last_hidden)).float()
+
+
+class Prefill(nn.Module):
+    """Decoder layers [start, end) of the pruned prefill; the whole decoder when it is one segment.
+
+    mode "image": first segment takes (text_embeds, visual_embeds, image_start), later ones
+    (x_text, x_vis, pos_vis, image_start); the last returns (logits,), others (x_text, x_vis, pos_vis).
+    A segment that ends right after an exit-candidate layer also returns the router's exit probability.
+    mode "exited": the rest of the decoder after a request exited: (x_text, image_start) -> (logits,),
+    no visual tokens, text positions as in the image prompt. mode "text": a prompt without an image.
+    """
+
+    def __init__(self, parts: DecoderParts, start: int, end: int, mode: str = "image"):
+        super().__init__()
+        self.parts = parts
+        self.start, self.end = start, end
+        self.mode = mode
+
+    def forward(self, *args: torch.Tensor):
+        p, spec = self.parts, self.parts.spec
+        first, last = self.start == 0, self.end == spec.num_layers
+        n_in = spec.input_visual_tokens
+        if self.mode == "text":
+            (x_text,) = args
+            image_start, n_in = torch.zeros(1, dtype=torch.long), 0
+        elif self.mode == "exited":
+            x_text, image_start = args
+        elif first:
+            x_text, visual, image_start = args
+            x_vis = self._pool(visual)
+            pos_vis = (image_start + torch.arange(n_in))[None]
+        else:
+            x_text, x_vis, pos_vis, image_start = args
+        if self.mode != "image":
+            x_vis = x_text[:, :0]
+            pos_vis = torch.zeros(1, 0, dtype=torch.long)
+        t = x_text.shape[1]
+        idx_text = torch.arange(t)
+        after = idx_text >= image_start  # text tokens after the image (FitPrune's cross rows, guides' keys)
+        pos_text = (idx_text + after.long() * n_in)[None]
+        if self.mode == "text":
+            after = torch.zeros_like(after)
+        x = torch.cat([x_vis, x_text], dim=1)
+        pos = torch.cat([pos_vis, pos_text], dim=1)
+        for i in range(self.start, self.end):
+            n_vis = x.shape[1] - t
+            layer = p.layers[i]
+            probs = None
+            if i not in p.skip:
+                q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, x), pos)
+                probs = p.attention_probs(i, q, k, p.bias(pos[0][None, :] <= pos[0][:, None], q.dtype))
+                self._write_cache(i, k, v, n_vis)
+                x = x + layer.self_attn.o_proj(p.attend(probs, v))
+            target = spec.kept[i] if self.mode == "image" else 0
+            if target < n_vis:
+                keep = self._select(self._scores(i, probs, x, pos, n_vis, after), target)
+                x = torch.cat([x[:, :n_vis].index_select(1, keep), x[:, n_vis:]], dim=1)
+                pos = torch.cat([pos[:, :n_vis].index_select(1, keep), pos[:, n_vis:]], dim=1)
+            x = x + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x))
+        n_vis = x.shape[1] - t
+        extra: tuple[torch.Tensor, ...] = ()
+        if self.mode == "image" and (self.end - 1) in spec.exit_layers:
+            extra = (self._exit_probability(self.end - 1, x[:, n_vis:], after),)
+        if last:
+            # The prompt's last token is the last text token (the runtime rejects prompts ending in the image).
+            return (p.logits(x[:, -1]), *extra)
+        return (x[:, n_vis:], x[:, :n_vis], pos[:, :n_vis], *extra)
+
+    def _exit_probability(self, layer: int, x_text: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """The router's p(exit) at this layer's output, from the text states (DyVTE's features), shape [1]."""
+        from edge_prune.scoring import ExitRouter
+
+        feats = ExitRouter.features(x_text, after[None], x_text[:, -1])
+        return torch.sigmoid(self.parts.router.logits(layer, feats).float())
+
+    def _pool(self, visual: torch.Tensor) -> torch.Tensor:
+        """keep_input < 1 (the pool scorer): spatial pooling before the decoder, as scoring.pool_visual."""
+        from edge_prune.scoring import pool_visual
+
+        n_in = self.parts.spec.input_visual_tokens
+        if n_in >= visual.shape[1]:
+            return visual
+        return pool_visual(visual[0], n_in)[None]
+
+    def _write_cache(self, i: int, k: torch.Tensor, v: torch.Tensor, n_vis: int) -> None:
+        """Visual keys go to slots [0, n_vis) (n_vis == seen[i]), text keys to seen[i] + j: one index_put."""
+        kc, vc = self.parts.cache.kv(i)
+        slots = torch.arange(k.shape[2]) + (self.parts.spec.seen[i] - n_vis)
+        kc[:, :, slots] = k.contiguous()
+        vc[:, :, slots] = v.contiguous()
+
+    def _scores(self, i: int, probs: torch.Tensor | None, x: torch.Tensor, pos: torch.Tensor, n_vis: int,
+                after: torch.Tensor) -> torch.Tensor:
+        """The recipe scorer's importance of each visual token, [n_vis], as edge_prune.scoring computes it."""
+        scorer = self.parts.scorer
+        if scorer == "random":
+            return _position_hash(self.parts.seed, i, pos[0, :n_vis])
+        if scorer == "guide":  # LVPruning-style guide on the states after this layer's attention
+            n = x.shape[1]
+            visual = (torch.arange(n) < n_vis)[None]
+            text = torch.cat([torch.zeros(n_vis, dtype=torch.bool), after])[None]
+            return self.parts.guides.scores(i, x, visual, text)[0, :n_vis]
+        if probs is None:
+            raise RecipeError(f"scorer {scorer!r} drops tokens at layer {i}, whose attention is skipped")
+        if scorer == "fastv":  # attention the prompt's last token pays each token, mean over heads
+            return probs[0, :, -1, :n_vis].mean(dim=0)
+        if scorer == "fitprune":  # cross x self, head-max (scoring.fitprune_scores)
+            head_max = probs[0].amax(dim=0)[:, :n_vis]  # [Q, n_vis]
+            rows = after.float()
+            n_after = rows.sum()
+            cross = (head_max[n_vis:] * rows[:, None]).sum(0) / n_after.clamp(min=1)
+            self_ = head_max[:n_vis].sum(0) / max(n_vis, 1)
+            return torch.where(n_after > 0, cross * self_, self_)
+        raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside an exported decoder")
+
+    @staticmethod
+    def _select(scores: torch.Tensor, count: int) -> torch.Tensor:
+        """Indices (ascending) of the `count` best tokens; ties go to the earlier token (a stable sort)."""
+        n = scores.shape[0]
+        idx = torch.arange(n)
+        s = scores.float()
+        ahead = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (idx[None, :] < idx[:, None]))
+        keep = ahead.sum(dim=1) < count
+        # topk of (n - index) over the kept tokens lists them in their original order.
+        return torch.topk((n - idx).float() * keep.float(), count).indices
+
+
+def _position_hash(seed: int, layer: int, positions: torch.Tensor) -> torch.Tensor:
+    """scoring.position_hash_uniform, spelled with ops ExecuTorch's portable kernels have."""
+    x = (positions.long() * 2654435761 + seed * 97531 + layer * 7919) % 2**32
+    x = torch.bitwise_xor(x, torch.bitwise_right_shift(x, 16))
+    x = (x * 0x45D9F3B) % 2**32
+    x = torch.bitwise_xor(x, torch.bitwise_right_shift(x, 16))
+    return (x.double() / 2**32).float()
+
+
+class Decode(nn.Module):
+    """One generated token: writes each layer's K/V at slot seen_i + text_len and attends to what is valid."""
+
+    def __init__(self, parts: DecoderParts):
+        super().__init__()
+        self.parts = parts
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, text_len: torch.Tensor,
+                visual_len: torch.Tensor) -> torch.Tensor:
+        p, spec = self.parts, self.parts.spec
+        h = p.embed_tokens(token)
+        pos = position.view(1, 1)
+        for i, layer in enumerate(p.layers):
+            if i not in p.skip:
+                kc, vc = p.cache.kv(i)
+                seen = spec.seen[i]
+                slot = seen + text_len
+                q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, h), pos)
+                # Attend over [cache ; new key] and write the cache on the side, so the cache update is not
+                # on the layer's critical path and the delegate sees one chain per layer.
+                idx = torch.arange(kc.shape[2])
+                cached = (idx < visual_len[i]) | ((idx >= seen) & (idx < slot))
+                allowed = torch.cat([cached, torch.ones(1, dtype=torch.bool)])[None, :]
+                keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
+                probs = p.attention_probs(i, q, keys, p.bias(allowed, q.dtype))
+                kc[:, :, slot] = k
+                vc[:, :, slot] = v
+                h = h + layer.self_attn.o_proj(p.attend(probs, values))
+            h = h + layer.mlp(p.rms_norm(layer.post_attention_layernorm, h))
+        return p.logits(h[:, -1])
+
+
+class VisionEncoder(nn.Module):
+    """CLIP tower -> the configured feature layer(s) -> LLaVA's projector: [1, N, d] visual tokens."""
+
+    def __init__(self, adapter: Any):
+        super().__init__()
+        self.tower = adapter.model.model.vision_tower
+        self.projector = adapter.model.model.multi_modal_projector
+        self.feature_layer = adapter.config.vision_feature_layer
+        self.strategy = adapter.config.vision_feature_select_strategy
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        states = self.tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
+        picked = [states[i][:, 1:] if self.strategy == "default" else states[i] for i in layers]
+        return self.projector(torch.cat(picked, dim=-1))
+
+
+class TokenEmbedding(nn.Module):
+    def __init__(self, parts: DecoderParts):
+        super().__init__()
+        self.parts = parts
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.parts.embed_tokens(ids)
+
+
+# ---- conversion -------------------------------------------------------------------------------------
+def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> ProgramSpec:
+    """The static facts of the program: token counts per layer, cache capacities, method layout."""
+    shape = adapter.shape
+    if shape.is_llava_next:
+        raise ModelError(
+            "LLaVA-NeXT's visual-token count depends on each image's size, but an ExecuTorch program needs "
+            "static visual counts; convert a LLaVA (fixed grid) checkpoint, or use the GGUF converter"
+        )
+    n = shape.num_visual_tokens
+    kept = recipe.keep_counts(n)
+    n_in = recipe.input_count(n)
+    seen = [n_in, *kept[:-1]]
+    exit_layers = sorted(recipe.exit.layers) if recipe.exit is not None else []
+    # An exit decision must reach the runtime between layers: a segment ends after every candidate layer.
+    cuts = sorted(set(options.segment_boundaries) | {layer + 1 for layer in exit_layers if layer + 1 < shape.num_layers})
+    bounds = [0, *cuts, shape.num_layers]
+    tok = adapter.processor.tokenizer
+    eos = sorted(adapter.eos_token_ids)
+    return ProgramSpec(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        vocab_size=int(adapter.lm_head.out_features),
+        num_visual_tokens=n,
+        input_visual_tokens=n_in,
+        seen=seen,
+        kept=kept,
+        skip_attention=sorted(recipe.skip_attention),
+        max_prompt_tokens=options.max_prompt_tokens,
+        max_new_tokens=options.max_new_tokens,
+        image_token_id=adapter.image_token_id,
+        eos_token_ids=eos,
+        pad_token_id=int(adapter.pad_token_id),
+        bos_token_id=tok.bos_token_id,
+        prefill_segments=[[a, b] for a, b in zip(bounds[:-1], bounds[1:])],
+        text_only_prefill=options.text_only_prefill,
+        exit_layers=exit_layers,
+        exit_threshold=recipe.exit.threshold if recipe.exit is not None else None,
+    )
+
+
+def chat_format(adapter: Any) -> ChatFormat:
+    """Render the checkpoint's chat template for one user turn around a placeholder question."""
+    image_text = adapter.format_prompt(_QUESTION, with_image=True)
+    text_only = adapter.format_prompt(_QUESTION, with_image=False)
+    image_prefix, image_suffix = image_text.split(_QUESTION)
+    text_prefix, text_suffix = text_only.split(_QUESTION)
+    template = getattr(adapter.processor, "chat_template", None)
+    return ChatFormat(image_token="<image>", image_prefix=image_prefix, image_suffix=image_suffix,
+                      text_prefix=text_prefix, text_suffix=text_suffix, template=template)
+
+
+def image_config(adapter: Any) -> ImageConfig:
+    """The checkpoint's CLIP processor settings; other processors are refused rather than approximated."""
+    ip = adapter.processor.image_processor
+    kind = type(ip).__name__
+    if not kind.startswith("CLIPImageProcessor"):
+        raise ModelError(
+            f"image processor {kind} is not supported by the on-device preprocessing (CLIP-style "
+            "resize / centre-crop / normalise only)"
+        )
+    if "Pil" not in kind:
+        warnings.warn(
+            f"{kind} resizes with torchvision; the device resizes with Pillow (the PIL backend), which can "
+            "differ by a grey level on images that need resizing", stacklevel=2)
+    size, crop = ip.size, ip.crop_size
+
+    def get(obj: Any, key: str) -> Any:
+        return obj[key] if isinstance(obj, dict) else getattr(obj, key)
+
+    vis = adapter.vision_config
+    return ImageConfig(
+        image_size=vis.image_size, patch_size=vis.patch_size,
+        do_resize=bool(ip.do_resize), shortest_edge=int(get(size, "shortest_edge")), resample=int(ip.resample),
+        do_center_crop=bool(ip.do_center_crop), crop_height=int(get(crop, "height")),
+        crop_width=int(get(crop, "width")), do_rescale=bool(ip.do_rescale), rescale_factor=float(ip.rescale_factor),
+        do_normalize=bool(ip.do_normalize), image_mean=tuple(float(x) for x in ip.image_mean),
+        image_std=tuple(float(x) for x in ip.image_std),
+    )
+
+
+def quantize_language_model(adapter: Any, quant: str, group_size: int) -> list[str]:
+    """torchao quantization of the language model's linear layers (lm_head included); returns skipped layers.
+
+    8da4w: int8 dynamic activations, int4 weights in groups of `group_size` (XNNPACK's qd8-f32-qb4w);
+    int8: int8 weight-only, per output channel. Embeddings, norms and the vision tower stay float.
+    """
+    if quant == "none":
+        return []
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+
+    skipped: list[str] = []
+
+    def wanted(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear):
+            return False
+        if quant == "8da4w" and module.in_features % group_size:
+            skipped.append(fqn)
+            return False
+        return True
+
+    if quant == "8da4w":
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    else:
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    holder = nn.ModuleDict({"layers": adapter.language_model.layers, "lm_head": adapter.lm_head})
+    quantize_(holder, config, filter_fn=wanted)
+    if skipped:
+        log.warning("left %d linear layers unquantized (in_features not a multiple of %d): %s",
+                    len(skipped), group_size, ", ".join(skipped[:4]))
+    return skipped
+
+
+def partitioners(options: ConvertOptions) -> list[Any]:
+    """The backend's ExecuTorch partitioner(s); QNN needs Qualcomm's SDK and says so."""
+    if options.backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+    if options.backend == "vulkan":
+        from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+
+        return [VulkanPartitioner()]
+    if options.backend == "coreml":
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+        return [CoreMLPartitioner()]
+    return [qnn_partitioner(options.qnn_soc)]
+
+
+def qnn_sdk_root() -> Path:
+    """Qualcomm's QNN SDK (QAIRT) location, or an error saying how to get it."""
+    root = os.environ.get("QNN_SDK_ROOT")
+    host = "x86_64-linux-clang"
+    if not root or not (Path(root) / "lib" / host / "libQnnHtp.so").is_file():
+        found = f"QNN_SDK_ROOT={root!r} has no lib/{host}/libQnnHtp.so" if root else "QNN_SDK_ROOT is not set"
+        raise ArtifactError(
+            f"--backend qnn needs Qualcomm's QNN SDK (QAIRT) on this machine, and {found}. Download the "
+            "Qualcomm AI Runtime SDK (QAIRT 2.37 or newer) from https://softwarecenter.qualcomm.com "
+            "(or qpm-cli --install qualcomm_ai_engine_direct), unpack it, then "
+            "`export QNN_SDK_ROOT=/path/to/qairt/<version>` and "
+            f"`export LD_LIBRARY_PATH=$QNN_SDK_ROOT/lib/{host}:$LD_LIBRARY_PATH`, and re-run the convert"
+        )
+    return Path(root)
+
+
+def qnn_partitioner(soc: str) -> Any:
+    qnn_sdk_root()
+    from executorch.backends.qualcomm.partition.qnn_partitioner import QnnPartitioner
+    from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
+    from executorch.backends.qualcomm.utils.utils import (
+        generate_htp_compiler_spec,
+        generate_qnn_executorch_compiler_spec,
+    )
+
+    try:
+        chipset = getattr(QcomChipset, soc)
+    except AttributeError as exc:
+        raise ArtifactError(f"--qnn-soc {soc!r} is unknown; e.g. SM8650, SM8550, SM8450") from exc
+    specs = generate_qnn_executorch_compiler_spec(
+        soc_model=chipset, backend_options=generate_htp_compiler_spec(use_fp16=True))
+    return QnnPartitioner(specs)
+
+
+def _examples(spec: ProgramSpec, adapter: Any) -> dict[str, tuple[tuple[Any, ...], Any]]:
+    """Example inputs and dynamic shapes per method (the text length is the only dynamic dimension)."""
+    from torch.export import Dim
+
+    d = spec.hidden_size
+    size = adapter.vision_config.image_size
+    t_example = min(12, spec.max_prompt_tokens)
+    text = Dim.DYNAMIC(min=2, max=spec.max_prompt_tokens)
+    dtype = adapter.embed_tokens.weight.dtype
+    text_embeds = torch.randn(1, t_example, d, dtype=dtype)
+    start = torch.tensor([3])
+    out: dict[str, tuple[tuple[Any, ...], Any]] = {
+        VISION: ((torch.randn(1, 3, size, size, dtype=dtype),), None),
+        EMBED: ((torch.zeros(1, t_example, dtype=torch.long),), ({1: text},)),
+        PREFILL_TEXT: ((text_embeds,), ({1: text},)),
+        DECODE: ((torch.tensor([[1]]), torch.tensor([t_example]), torch.tensor([t_example]),
+                  torch.tensor(spec.seen, dtype=torch.long)), None),
+    }
+    for name in exit_method_names(spec).values():
+        out[name] = ((text_embeds, start), ({1: text}, None))
+    for k, (a, b) in enumerate(spec.prefill_segments):
+        name = prefill_method_names(spec)[k]
+        if a == 0:
+            args = (text_embeds, torch.randn(1, spec.num_visual_tokens, d, dtype=dtype), start)
+            dyn = ({1: text}, None, None)
+        else:
+            n = spec.kept[a - 1]
+            args = (text_embeds, torch.randn(1, n, d, dtype=dtype), torch.arange(n)[None] + 3, start)
+            dyn = ({1: text}, None, None, None)
+        out[name] = (args, dyn)
+    return out
+
+
+def export_methods(adapter: Any, recipe: Recipe, spec: ProgramSpec, progress: bool = True,
+                   guides: nn.Module | None = None, router: nn.Module | None = None) -> dict[str, Any]:
+    """torch.export every method of the program (weights and KV cache shared by FQN)."""
+    from tqdm import tqdm
+
+    parts = DecoderParts(adapter, recipe, spec, guides, router).eval().requires_grad_(False)
+    modules: dict[str, nn.Module] = {VISION: VisionEncoder(adapter), EMBED: TokenEmbedding(parts), DECODE: Decode(parts)}
+    if spec.text_only_prefill:
+        modules[PREFILL_TEXT] = Prefill(parts, 0, spec.num_layers, mode="text")
+    for name, (a, b) in zip(prefill_method_names(spec), spec.prefill_segments):
+        modules[name] = Prefill(parts, a, b)
+    for layer, name in exit_method_names(spec).items():
+        modules[name] = Prefill(parts, layer + 1, spec.num_layers, mode="exited")
+    examples = _examples(spec, adapter)
+    exported = {}
+    with torch.no_grad():
+        for name in tqdm(list(modules), desc="export", disable=not progress):
+            args, dynamic = examples[name]
+            if isinstance(modules[name], Prefill) and dynamic is not None:
+                dynamic = (dynamic,)  # Prefill.forward takes *args: its inputs form one tuple
+            exported[name] = torch.export.export(modules[name].eval(), args, dynamic_shapes=dynamic, strict=False)
+    return exported
+
+
+def lower(exported: dict[str, Any], options: ConvertOptions) -> tuple[bytes, DelegationSummary]:
+    """to_edge + the backend's partitioner + ExecuTorch serialisation; returns (.pte bytes, delegation summary)."""
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    edge = to_edge_transform_and_lower(
+        exported, partitioner=partitioners(options),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    methods = {}
+    for name in exported:
+        info = get_delegation_info(edge.exported_program(name).graph_module)
+        leftover = sorted(
+            ((op, b.non_delegated) for op, b in info.delegation_by_operator.items() if b.non_delegated),
+            key=lambda kv: -kv[1],
+        )
+        methods[name] = MethodDelegation(
+            delegated_nodes=info.num_delegated_nodes, non_delegated_nodes=info.num_non_delegated_nodes,
+            delegated_subgraphs=info.num_delegated_subgraphs, top_non_delegated=dict(leftover[:8]),
+        )
+    program = edge.to_executorch(ExecutorchBackendConfig(
+        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+        emit_mutable_buffer_names=True,
+    ))
+    return program.buffer, DelegationSummary(backend=options.backend, methods=methods)
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import edge_prune
+
+    out = {"edge_prune": edge_prune.__version__, "python": platform.python_version()}
+    for pkg in ("torch", "executorch", "torchao", "transformers", "tokenizers", "coremltools"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def convert(model_dir: str | Path, recipe: Recipe | str | Path | None, output: str | Path,
+            options: ConvertOptions | None = None) -> ConvertResult:
+    """Checkpoint + recipe -> artifact directory (manifest, recipe, model.pte, tokenizer, preprocessing)."""
+    import time
+
+    from tqdm import tqdm
+
+    from edge_prune.engine import PrunedEngine
+
+    options = options or ConvertOptions()
+    start = time.perf_counter()
+    if options.backend == "qnn":
+        qnn_sdk_root()  # fail before minutes of export
+    if recipe is not None and not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    engine = PrunedEngine.load(model_dir, recipe=recipe)  # validates the recipe against the model
+    adapter, recipe = engine.adapter, engine.recipe
+    options.check(adapter.num_layers)
+    spec = build_spec(adapter, recipe, options)
+    with ArtifactWriter(output, overwrite=options.overwrite) as art:
+        steps = tqdm(total=4, desc=f"convert ({options.backend}, {options.quant})", disable=not options.progress)
+        recipe.save(art.path(RECIPE_FILE))  # copies guide / router files beside it
+        art.write_json(PREPROCESS_FILE, image_config(adapter).to_dict())
+        art.write_json(CHAT_FILE, chat_format(adapter).to_dict())
+        adapter.processor.tokenizer.backend_tokenizer.save(str(art.path(TOKENIZER_FILE)))
+        steps.update()
+        unquantized = quantize_language_model(adapter, options.quant, options.group_size)
+        steps.update()
+        exported = export_methods(adapter, recipe, spec, progress=options.progress, guides=engine.guides,
+                                  router=engine.router)
+        steps.update()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pte, delegation = lower(exported, options)
+        art.write_bytes(PTE_FILE, pte)
+        steps.update()
+        steps.close()
+        extra = {"program": spec.to_dict(), "delegation": delegation.to_dict(),
+                 "quant": {"scheme": options.quant, "group_size": options.group_size if options.quant == "8da4w" else None,
+                           "unquantized_linears": unquantized}}
+        art.commit(backend=options.backend, quant=options.quant, versions=tool_versions(), extra=extra)
+    return ConvertResult(path=Path(output), spec=spec, delegation=delegation, pte_bytes=len(pte),
+                         seconds=time.perf_counter() - start)
+

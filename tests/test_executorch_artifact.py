@@ -1,0 +1,164 @@
+"""An XNNPACK fp32 ExecuTorch artifact answers exactly as the eager engine does under the same recipe.
+
+One conversion per module (lowering is the slow part): a 2-layer tiny LLaVA whose recipe drops
+visual tokens after both layers' attention, exported with the text-only prefill too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_prune.cli import main
+from edge_prune.converters.executorch import ConvertOptions, convert
+from edge_prune.engine import PrunedEngine
+from edge_prune.errors import ArtifactError, InputError
+from edge_prune.models.tiny import TinySpec, write_tiny_llava
+from edge_prune.recipe import PruneSpec, Recipe
+from edge_prune.runtimes import load, read_manifest
+from edge_prune.runtimes.manifest import MANIFEST_FILE, sha256_file
+from tests.conftest import PROMPTS
+
+SCHEDULE = [0.5, 0.25]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny2", TinySpec(num_layers=2, vision_layers=1))
+
+
+@pytest.fixture(scope="module")
+def recipe(model_dir):
+    from edge_prune.models.shapes import load_shape
+
+    return Recipe(model=load_shape(model_dir).signature(), prune=PruneSpec(scorer="fitprune", keep_after=SCHEDULE))
+
+
+@pytest.fixture(scope="module")
+def artifact(model_dir, recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "fitprune-xnnpack"
+    convert(model_dir, recipe, out, ConvertOptions(max_prompt_tokens=48, max_new_tokens=8, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, recipe):
+    return PrunedEngine.load(model_dir, recipe=recipe)
+
+
+def test_greedy_answers_equal_the_eager_engine(artifact, engine, images):
+    session = load(artifact)
+    for prompt, image in zip(PROMPTS, images):
+        ours = session.generate(image, prompt, max_new_tokens=6)
+        ref = engine.generate(prompt, image, max_new_tokens=6)
+        assert ours.tokens == ref.tokens
+        assert ours.text == ref.text
+        np.testing.assert_allclose(ours.first_logits, ref.first_logits.numpy(), atol=1e-4)
+        assert ours.kept[0].per_layer == ref.kept[0].per_layer == [32, 16]
+        assert ours.kept[0].visual_tokens == 64 and ours.kept[0].exit_layer is None
+        t = ours.timings
+        assert t.vision_ms > 0 and t.prefill_ms > 0 and t.ttft_ms >= t.vision_ms + t.prefill_ms
+        assert ours.peak_rss_mb > 10
+
+
+def test_text_only_prompt_is_not_pruned_and_matches(artifact, engine):
+    ours = load(artifact).generate(None, "how many circles?", max_new_tokens=5)
+    ref = engine.generate("how many circles?", None, max_new_tokens=5)
+    assert ours.tokens == ref.tokens
+    assert ours.kept[0].per_layer == [0, 0]
+
+
+def test_manifest_describes_the_program(artifact, recipe):
+    manifest = read_manifest(artifact)
+    assert manifest.backend == "xnnpack" and manifest.quant == "none"
+    assert {"model.pte", "recipe.json", "tokenizer.json", "chat_template.json", "preprocess.json"} <= set(manifest.files)
+    assert manifest.versions["executorch"] and manifest.versions["torch"]
+    program = manifest.extra["program"]
+    assert program["seen"] == [64, 32] and program["kept"] == [32, 16]
+    delegation = manifest.extra["delegation"]
+    assert set(delegation["methods"]) == {"vision_encoder", "token_embedding", "prefill", "prefill_text", "decode"}
+    assert 0.3 < delegation["share"] <= 1.0
+    assert Recipe.load(artifact / "recipe.json").prune.keep_after == recipe.prune.keep_after
+    assert not list(artifact.parent.glob(".*tmp"))  # the temp dir was renamed into place
+
+
+def test_cli_run_and_inspect_take_the_artifact(artifact, images, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    images[1].save(image)
+    assert main(["run", str(artifact), "--image", str(image), "--prompt", PROMPTS[0], "--max-new-tokens", "4",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kept"]["per_layer"] == [32, 16] and out["timings"]["ttft_ms"] > 0
+    assert main(["inspect", str(artifact)]) == 0
+    text = capsys.readouterr().out
+    assert "xnnpack" in text and "delegated" in text and "prefill" in text
+
+
+def _copy(artifact, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def _rehash(art):
+    data = json.loads((art / MANIFEST_FILE).read_text())
+    data["files"] = {rel: sha256_file(art / rel) for rel in data["files"]}
+    (art / MANIFEST_FILE).write_text(json.dumps(data))
+    return data
+
+
+def test_truncated_pte_is_caught_by_the_manifest(artifact, tmp_path):
+    art = _copy(artifact, tmp_path)
+    pte = art / "model.pte"
+    pte.write_bytes(pte.read_bytes()[: pte.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="model.pte does not match its manifest checksum"):
+        load(art)
+
+
+def test_corrupt_pte_with_a_matching_manifest_is_a_clear_error(artifact, tmp_path):
+    art = _copy(artifact, tmp_path)
+    pte = art / "model.pte"
+    pte.write_bytes(b"\x00" * 64 + pte.read_bytes()[64:200])
+    _rehash(art)
+    with pytest.raises(ArtifactError, match="corrupt or truncated"):
+        load(art)
+
+
+def test_artifact_for_a_backend_this_runtime_lacks(artifact, tmp_path):
+    art = _copy(artifact, tmp_path)
+    data = json.loads((art / MANIFEST_FILE).read_text())
+    data["backend"] = "vulkan"
+    (art / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="VulkanBackend"):
+        load(art)
+
+
+def test_manifest_and_program_mismatch(artifact, tmp_path):
+    art = _copy(artifact, tmp_path)
+    data = json.loads((art / MANIFEST_FILE).read_text())
+    data["extra"]["program"]["prefill_segments"] = [[0, 1], [1, 2]]
+    (art / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="methods .*prefill_0.* are missing"):
+        load(art)
+
+
+def test_prompt_limits_are_checked(artifact):
+    session = load(artifact)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        session.generate(None, "hi there", max_new_tokens=9)
+    with pytest.raises(InputError, match="text tokens"):
+        session.generate(None, "count " * 60)
+    with pytest.raises(InputError, match="no image was given"):
+        session.generate(None, "<image>\nwhat is it?")
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(InputError, match="ends with the image"):
+        session.generate(image, "USER: what is it? <image>")
+
+
+def test_convert_refuses_to_clobber(model_dir, recipe, artifact):
+    with pytest.raises(ArtifactError, match="already exists"):
+        convert(model_dir, recipe, artifact, ConvertOptions(progress=False))
