@@ -7,9 +7,8 @@ benchmarks/results/executorch.{json,md}.
    vs the keep-all artifact of the same quant, variants interleaved request by request, medians;
 3. peak RSS (one subprocess per artifact, so artifacts do not share a process) and artifact size.
 
-Recipes: keep-all, fitprune-60 (benchmarks/recipes/fitprune-60 when issue 5's script fitted it, else
-fitted here with the FitPrune fitter at 60% exact-FLOPs reduction), guides-90 and dyvte when their
-recipes exist. Finished stages are kept in the JSON, so an interrupted run continues.
+Recipes: keep-all, fitprune-60 (benchmarks/recipes/fitprune-60, fitted by issue 5's script; when it is
+missing, FastV at the same 60% exact-FLOPs budget instead), guides-90 and dyvte when their recipes exist. Finished stages are kept in the JSON, so an interrupted run continues.
 
     .venv/bin/python benchmarks/executorch_acceptance.py [--n 500] [--runs 7] [--work /tmp/ep-executorch]
 """
@@ -57,8 +56,7 @@ class State:
 
 
 def recipes(model: Path, work: Path) -> dict[str, Path]:
-    """name -> recipe.json; fitprune-60 is fitted here when issue 5's run has not produced it."""
-    from edge_prune.engine import PrunedEngine
+    """name -> recipe.json: keep-all, the 60% recipe, and issue 5's guide/exit recipes when present."""
     from edge_prune.models.shapes import load_shape
     from edge_prune.recipe import Recipe
 
@@ -68,18 +66,16 @@ def recipes(model: Path, work: Path) -> dict[str, Path]:
         Recipe.identity(load_shape(model).signature(), note="keep-all baseline").save(keep_all)
     out["keep-all"] = keep_all
     fitted = RECIPES / "fitprune-60" / "recipe.json"
-    if not fitted.is_file():
-        fitted = work / "recipes" / "fitprune-60" / "recipe.json"
-        if not fitted.is_file():
-            from edge_prune.fit.calibration import load_calibration
-            from edge_prune.fit.fitprune import FitPruneFitter
+    if fitted.is_file():
+        out["fitprune-60"] = fitted
+    else:  # issue 5's run has not fitted it (yet): FastV at the same 60% exact-FLOPs budget, instant
+        from edge_prune.fit.baselines import baseline_recipe
 
-            log("fitting fitprune-60 (FitPrune, 60% exact prefill FLOPs, 64 calibration samples)")
-            engine = PrunedEngine.load(model)
-            result = FitPruneFitter(engine, load_calibration("bench:calib", 64), 0.6, progress=True).fit()
-            result.recipe.save(fitted)
-    out["fitprune-60"] = fitted
-    for name in ("guides-90", "dyvte"):
+        fastv = work / "recipes" / "fastv-60" / "recipe.json"
+        if not fastv.is_file():
+            baseline_recipe(load_shape(model), "fastv", 0.6, text_tokens=24).save(fastv)
+        out["fastv-60"] = fastv
+    for name in ("guides-90", "dyvte", "fitprune-60+dyvte"):
         path = RECIPES / name / "recipe.json"
         if path.is_file():
             out[name] = path
@@ -256,12 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ep-executorch"))
     ap.add_argument("--stages", default="convert,fidelity,speed,memory")
+    ap.add_argument("--recipes", help="comma-separated subset, e.g. keep-all,fitprune-60 (default: all found)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
     state = State(RESULTS / "executorch.json")
     named = recipes(args.model, args.work)
+    if args.recipes:
+        named = {k: v for k, v in named.items() if k in args.recipes.split(",")}
     arts = convert_all(args.model, named, args.work, state)
     stages = args.stages.split(",")
     if "fidelity" in stages:

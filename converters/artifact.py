@@ -41,7 +41,8 @@ class ArtifactWriter:
             )
         self.overwrite = overwrite
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp"))
+        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.",
+                                        suffix=".tmp"))
         self.committed = False
 
     # ---- adding files ----------------------------------------------------------------------
@@ -105,7 +106,7 @@ class ArtifactWriter:
 
 
 def describe(root: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
-    """What `edge-prune inspect ARTIFACT/` shows: the manifest, plus the delegation summary when there is one."""
+    """What `edge-prune inspect ARTIFACT/` shows: the manifest, plus the delegation summary if any."""
     from edge_prune.runtimes.manifest import read_manifest
 
     root = Path(root)

@@ -151,8 +151,8 @@ class DecoderParts(nn.Module):
         self.heads = adapter.text_config.num_attention_heads
         self.kv_heads = adapter.text_config.num_key_value_heads or self.heads
         d = adapter.text_config.hidden_size
-        self.register_buffer("mean_weight", torch.full((1, d), 1.0 / d, dtype=adapter.embed_tokens.weight.dtype),
-                             persistent=False)
+        dtype = adapter.embed_tokens.weight.dtype
+        self.register_buffer("mean_weight", torch.full((1, d), 1.0 / d, dtype=dtype), persistent=False)
         self.cache = KVCache(spec.seen, spec.text_capacity, self.skip, self.kv_heads, self.head_dim,
                              adapter.embed_tokens.weight.dtype)
 
@@ -178,7 +178,7 @@ class DecoderParts(nn.Module):
         return t.reshape(1, self.heads, rows, t.shape[-1])
 
     def rms_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """HF's RMSNorm with the mean of squares as a matmul by 1/d: XNNPACK takes a linear but not mean.dim."""
+        """HF's RMSNorm, the mean of squares as a matmul by 1/d: XNNPACK takes a linear, not mean.dim."""
         mean_sq = torch.nn.functional.linear(x * x, self.mean_weight)
         return norm.weight * (x * torch.rsqrt(mean_sq + norm.variance_epsilon))
 
@@ -266,7 +266,7 @@ class Prefill(nn.Module):
         if self.mode == "image" and (self.end - 1) in spec.exit_layers:
             extra = (self._exit_probability(self.end - 1, x[:, n_vis:], after),)
         if last:
-            # The prompt's last token is the last text token (the runtime rejects prompts ending in the image).
+            # The prompt's last token is the last text token (the runtime rejects prompts ending in the image)
             return (p.logits(x[:, -1]), *extra)
         return (x[:, n_vis:], x[:, :n_vis], pos[:, :n_vis], *extra)
 
@@ -411,7 +411,8 @@ def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> Program
     seen = [n_in, *kept[:-1]]
     exit_layers = sorted(recipe.exit.layers) if recipe.exit is not None else []
     # An exit decision must reach the runtime between layers: a segment ends after every candidate layer.
-    cuts = sorted(set(options.segment_boundaries) | {layer + 1 for layer in exit_layers if layer + 1 < shape.num_layers})
+    after_exits = {layer + 1 for layer in exit_layers if layer + 1 < shape.num_layers}
+    cuts = sorted(set(options.segment_boundaries) | after_exits)
     bounds = [0, *cuts, shape.num_layers]
     tok = adapter.processor.tokenizer
     eos = sorted(adapter.eos_token_ids)
@@ -469,9 +470,11 @@ def image_config(adapter: Any) -> ImageConfig:
     vis = adapter.vision_config
     return ImageConfig(
         image_size=vis.image_size, patch_size=vis.patch_size,
-        do_resize=bool(ip.do_resize), shortest_edge=int(get(size, "shortest_edge")), resample=int(ip.resample),
+        do_resize=bool(ip.do_resize), shortest_edge=int(get(size, "shortest_edge")),
+        resample=int(ip.resample),
         do_center_crop=bool(ip.do_center_crop), crop_height=int(get(crop, "height")),
-        crop_width=int(get(crop, "width")), do_rescale=bool(ip.do_rescale), rescale_factor=float(ip.rescale_factor),
+        crop_width=int(get(crop, "width")), do_rescale=bool(ip.do_rescale),
+        rescale_factor=float(ip.rescale_factor),
         do_normalize=bool(ip.do_normalize), image_mean=tuple(float(x) for x in ip.image_mean),
         image_std=tuple(float(x) for x in ip.image_std),
     )
@@ -500,7 +503,8 @@ def quantize_language_model(adapter: Any, quant: str, group_size: int) -> list[s
         return True
 
     if quant == "8da4w":
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                       weight_granularity=PerGroup(group_size))
     else:
         config = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     holder = nn.ModuleDict({"layers": adapter.language_model.layers, "lm_head": adapter.lm_head})
@@ -520,7 +524,8 @@ def partitioners(options: ConvertOptions) -> list[Any]:
     if options.backend == "vulkan":
         from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
 
-        return [VulkanPartitioner()]
+        # The text length is dynamic: take only ops whose Vulkan kernels can resize (as ExecuTorch's LLM export).
+        return [VulkanPartitioner({"require_dynamic_shapes": True})]
     if options.backend == "coreml":
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
@@ -601,7 +606,8 @@ def export_methods(adapter: Any, recipe: Recipe, spec: ProgramSpec, progress: bo
     from tqdm import tqdm
 
     parts = DecoderParts(adapter, recipe, spec, guides, router).eval().requires_grad_(False)
-    modules: dict[str, nn.Module] = {VISION: VisionEncoder(adapter), EMBED: TokenEmbedding(parts), DECODE: Decode(parts)}
+    modules: dict[str, nn.Module] = {VISION: VisionEncoder(adapter), EMBED: TokenEmbedding(parts),
+                                     DECODE: Decode(parts)}
     if spec.text_only_prefill:
         modules[PREFILL_TEXT] = Prefill(parts, 0, spec.num_layers, mode="text")
     for name, (a, b) in zip(prefill_method_names(spec), spec.prefill_segments):
@@ -615,12 +621,13 @@ def export_methods(adapter: Any, recipe: Recipe, spec: ProgramSpec, progress: bo
             args, dynamic = examples[name]
             if isinstance(modules[name], Prefill) and dynamic is not None:
                 dynamic = (dynamic,)  # Prefill.forward takes *args: its inputs form one tuple
-            exported[name] = torch.export.export(modules[name].eval(), args, dynamic_shapes=dynamic, strict=False)
+            exported[name] = torch.export.export(modules[name].eval(), args, dynamic_shapes=dynamic,
+                                                 strict=False)
     return exported
 
 
 def lower(exported: dict[str, Any], options: ConvertOptions) -> tuple[bytes, DelegationSummary]:
-    """to_edge + the backend's partitioner + ExecuTorch serialisation; returns (.pte bytes, delegation summary)."""
+    """to_edge + the backend's partitioner + serialisation; returns (.pte bytes, delegation summary)."""
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -681,7 +688,8 @@ def convert(model_dir: str | Path, recipe: Recipe | str | Path | None, output: s
     options.check(adapter.num_layers)
     spec = build_spec(adapter, recipe, options)
     with ArtifactWriter(output, overwrite=options.overwrite) as art:
-        steps = tqdm(total=4, desc=f"convert ({options.backend}, {options.quant})", disable=not options.progress)
+        steps = tqdm(total=4, desc=f"convert ({options.backend}, {options.quant})",
+                     disable=not options.progress)
         recipe.save(art.path(RECIPE_FILE))  # copies guide / router files beside it
         art.write_json(PREPROCESS_FILE, image_config(adapter).to_dict())
         art.write_json(CHAT_FILE, chat_format(adapter).to_dict())
@@ -699,7 +707,8 @@ def convert(model_dir: str | Path, recipe: Recipe | str | Path | None, output: s
         steps.update()
         steps.close()
         extra = {"program": spec.to_dict(), "delegation": delegation.to_dict(),
-                 "quant": {"scheme": options.quant, "group_size": options.group_size if options.quant == "8da4w" else None,
+                 "quant": {"scheme": options.quant,
+                           "group_size": options.group_size if options.quant == "8da4w" else None,
                            "unquantized_linears": unquantized}}
         art.commit(backend=options.backend, quant=options.quant, versions=tool_versions(), extra=extra)
     return ConvertResult(path=Path(output), spec=spec, delegation=delegation, pte_bytes=len(pte),

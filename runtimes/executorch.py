@@ -63,7 +63,7 @@ class ProgramSpec:
     bos_token_id: int | None
     prefill_segments: list[list[int]]  # [start, end) decoder layers per prefill method
     text_only_prefill: bool = True  # the program has prefill_text (prompts without an image)
-    exit_layers: list[int] = field(default_factory=list)  # exit-router candidate layers (a segment ends after each)
+    exit_layers: list[int] = field(default_factory=list)  # exit-router candidates (a segment ends after each)
     exit_threshold: float | None = None
 
     @property
@@ -78,7 +78,8 @@ class ProgramSpec:
         try:
             return cls(**data)
         except TypeError as exc:
-            raise ArtifactError(f"{source}: malformed program description ({exc}); re-run `edge-prune convert`") from exc
+            raise ArtifactError(
+                f"{source}: malformed program description ({exc}); re-run `edge-prune convert`") from exc
 
 
 def prefill_method_names(spec: ProgramSpec) -> list[str]:
@@ -133,7 +134,8 @@ class DelegationSummary:
         out = [f"delegation ({self.backend}): {self.share:.1%} of graph nodes delegated"]
         for name, m in self.methods.items():
             left = ", ".join(f"{op} x{n}" for op, n in list(m.top_non_delegated.items())[:4])
-            out.append(f"  {name:16s} {m.share:6.1%}  ({m.delegated_nodes} delegated in {m.delegated_subgraphs} "
+            out.append(f"  {name:16s} {m.share:6.1%}  ({m.delegated_nodes} delegated in "
+                       f"{m.delegated_subgraphs} "
                        f"subgraphs, {m.non_delegated_nodes} not{': ' + left if left else ''})")
         return out
 
@@ -225,14 +227,16 @@ class ExecuTorchSession:
             try:
                 self._methods[name] = self.program.load_method(name)
             except Exception as exc:  # the bindings raise RuntimeError with the ExecuTorch error code
-                raise ArtifactError(f"{self.root}: cannot load method {name!r} of {PTE_FILE} ({exc})") from exc
+                raise ArtifactError(
+                    f"{self.root}: cannot load method {name!r} of {PTE_FILE} ({exc})") from exc
         return self._methods[name]
 
     def _run(self, name: str, *inputs: np.ndarray) -> list[np.ndarray]:
         outs = self.method(name).execute([self._torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
         return [o.numpy() for o in outs]
 
-    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False) -> GenerationResult:
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32,
+                 ignore_eos: bool = False) -> GenerationResult:
         """Greedy answer to one prompt about one image (None: a text-only prompt, never pruned).
 
         `ignore_eos` keeps decoding past end-of-sequence, for decode-speed measurements.
@@ -267,7 +271,8 @@ class ExecuTorchSession:
             elif spec.text_only_prefill:
                 logits = self._run(PREFILL_TEXT, embeds)[0]
             else:
-                raise InputError("this artifact was converted without the text-only prefill; pass an image, or "
+                raise InputError("this artifact was converted without the text-only prefill; pass an image, "
+                                 "or "
                                  "re-convert without disabling it")
             t3 = time.perf_counter()
             token = int(np.argmax(logits[0]))
@@ -282,7 +287,8 @@ class ExecuTorchSession:
             visual_len = np.asarray(seen, dtype=np.int64)
             eos = set() if ignore_eos else set(spec.eos_token_ids)
             while token not in eos and len(out) < max_new_tokens:
-                step = self._run(DECODE, np.asarray([[token]], dtype=np.int64), np.asarray([position], dtype=np.int64),
+                step = self._run(DECODE, np.asarray([[token]], dtype=np.int64),
+                                 np.asarray([position], dtype=np.int64),
                                  np.asarray([text_len], dtype=np.int64), visual_len)[0]
                 position += 1
                 text_len += 1
@@ -304,7 +310,8 @@ class ExecuTorchSession:
             first_logits=logits, prompt_lengths=[n_text + n], peak_rss_mb=rss.peak_mb,
         )
 
-    def _prefill(self, embeds: np.ndarray, features: np.ndarray, image_start: int) -> tuple[np.ndarray, int | None]:
+    def _prefill(self, embeds: np.ndarray, features: np.ndarray,
+                 image_start: int) -> tuple[np.ndarray, int | None]:
         """Run the prefill segments in turn; after an exit-candidate layer, follow the router's decision.
 
         Returns (logits, exit layer or None). A segment hands (x_text, x_vis, pos_vis) to the next;

@@ -46,7 +46,9 @@ class ImageConfig:
         try:
             cfg = cls(**data)
         except TypeError as exc:
-            raise ArtifactError(f"{source}: malformed image preprocessing config ({exc}); re-run `edge-prune convert`") from exc
+            raise ArtifactError(
+                f"{source}: malformed image preprocessing config ({exc}); re-run `edge-prune convert`"
+            ) from exc
         return cls(**{**asdict(cfg), "image_mean": tuple(cfg.image_mean), "image_std": tuple(cfg.image_std)})
 
     @classmethod
@@ -54,11 +56,12 @@ class ImageConfig:
         try:
             return cls.from_dict(json.loads(path.read_text()), source=str(path))
         except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{path}: cannot read the preprocessing config ({exc}); re-run `edge-prune convert`") from exc
+            raise ArtifactError(
+                f"{path}: cannot read the preprocessing config ({exc}); re-run `edge-prune convert`") from exc
 
 
 def load_rgb(image: Any, min_side: int = 1):
-    """A path, PIL image or HxWx3 uint8 array as an RGB PIL image (what the reference engine feeds its processor)."""
+    """A path, PIL image or HxWx3 uint8 array as an RGB PIL image (as the reference engine loads it)."""
     from PIL import Image
 
     if isinstance(image, (str, Path)):
@@ -79,7 +82,8 @@ def load_rgb(image: Any, min_side: int = 1):
     else:
         raise InputError(f"image of type {type(image).__name__}; pass a path, a PIL image or an HxWx3 array")
     if min(rgb.size) < min_side:
-        raise InputError(f"image is {rgb.size[0]}x{rgb.size[1]} pixels; each side must be at least {min_side} px")
+        raise InputError(
+            f"image is {rgb.size[0]}x{rgb.size[1]} pixels; each side must be at least {min_side} px")
     return rgb
 
 

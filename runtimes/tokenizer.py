@@ -1,4 +1,4 @@
-"""Prompt formatting and tokenization on the device: the `tokenizers` library plus a pre-rendered chat template.
+"""Prompt formatting and tokenization on the device: `tokenizers` plus a pre-rendered chat template.
 
 The checkpoint's Jinja chat template is rendered at convert time for a single user turn
 (with and without an image) around a placeholder question, so the device needs no Jinja:
@@ -82,7 +82,8 @@ class PromptTokenizer:
         text = self.chat.format(prompt, with_image)
         count = text.count(self.chat.image_token)
         if with_image and count != 1:
-            raise InputError(f"a prompt holds {count} {self.chat.image_token} placeholders; edge-prune runs one image per prompt")
+            raise InputError(f"a prompt holds {count} {self.chat.image_token} placeholders; "
+                             "edge-prune runs one image per prompt")
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids
         if not with_image:
             return TokenizedPrompt(text_ids=ids, image_start=None)

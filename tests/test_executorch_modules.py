@@ -1,0 +1,113 @@
+"""The modules the ExecuTorch converter exports, run eagerly, equal the reference engine for every scorer,
+input pooling, guides and exit routers (lowering is tested once in test_executorch_artifact.py; it is slow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_prune.converters import executorch as cx
+from edge_prune.engine import PrunedEngine
+from edge_prune.models.adapter import LlavaAdapter
+from edge_prune.recipe import ExitSpec, GuideSpec, PruneSpec, Recipe
+from edge_prune.runtimes.executorch import exit_method_names
+from edge_prune.scoring import ExitRouter, GuideSet
+from tests.conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llava_dir):
+    return LlavaAdapter.load(tiny_llava_dir)
+
+
+def _run_exported_modules(engine: PrunedEngine, prompt: str, image, boundaries: list[int]):
+    """What the runtime does with the program's methods, on the un-lowered modules."""
+    ad, recipe = engine.adapter, engine.recipe
+    spec = cx.build_spec(ad, recipe, cx.ConvertOptions(segment_boundaries=boundaries))
+    parts = cx.DecoderParts(ad, recipe, spec, engine.guides, engine.router).eval()
+    segments = [cx.Prefill(parts, a, b) for a, b in spec.prefill_segments]
+    tails = {layer: cx.Prefill(parts, layer + 1, spec.num_layers, mode="exited") for layer in exit_method_names(spec)}
+    batch = ad.prepare([prompt], [image])
+    ids = batch.input_ids[0]
+    start = torch.tensor([int((ids == ad.image_token_id).nonzero()[0])])
+    text_ids = ids[ids != ad.image_token_id][None]
+    with torch.no_grad():
+        state = [cx.TokenEmbedding(parts)(text_ids), cx.VisionEncoder(ad)(batch.pixel_values)]
+        exit_layer = None
+        for seg in segments:
+            state = list(seg(*state, start))
+            layer = seg.end - 1
+            if layer in spec.exit_layers:
+                p_exit = float(state.pop()[0])
+                if spec.kept[layer] > 0 and p_exit >= spec.exit_threshold:
+                    exit_layer = layer
+                    state = list(tails[layer](state[0], start)) if layer in tails else state
+                    break
+        logits = state[0]
+        seen = [s if exit_layer is None or i <= exit_layer else 0 for i, s in enumerate(spec.seen)]
+        t = text_ids.shape[1]
+        step = cx.Decode(parts)(logits.argmax(-1)[:, None], torch.tensor([t + spec.input_visual_tokens]),
+                                torch.tensor([t]), torch.tensor(seen))
+    return batch, logits, step, exit_layer
+
+
+def _check(engine: PrunedEngine, images, boundaries=()):
+    exits = []
+    for prompt, image in zip(PROMPTS, images):
+        batch, logits, step, exit_layer = _run_exported_modules(engine, prompt, image, list(boundaries))
+        with torch.no_grad():
+            pre = engine.prefill(batch)
+            ref_step = engine.decode_step(pre.caches, pre.logits.argmax(-1), pre.next_positions)
+        assert (logits - pre.logits).abs().max().item() < 1e-4
+        assert (step - ref_step).abs().max().item() < 1e-4
+        assert exit_layer == pre.kept[0].exit_layer
+        exits.append(exit_layer)
+    return exits
+
+
+@pytest.mark.parametrize("scorer, keep, keep_input", [
+    ("fitprune", [1.0, 0.5, 0.25, 0.1], 1.0),
+    ("fastv", [1.0, 0.3, 0.3, 0.3], 1.0),
+    ("random", [0.9, 0.5, 0.25, 0.1], 1.0),
+    ("pool", [0.25] * 4, 0.25),
+])
+def test_in_graph_scorers_match_the_engine(adapter, images, scorer, keep, keep_input):
+    recipe = Recipe(model=adapter.signature(), prune=PruneSpec(scorer=scorer, keep_after=keep, keep_input=keep_input))
+    _check(PrunedEngine(adapter, recipe), images)
+
+
+def test_prefill_split_into_segments_matches(adapter, images):
+    recipe = Recipe(model=adapter.signature(), prune=PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.25, 0.1]))
+    _check(PrunedEngine(adapter, recipe), images, boundaries=[1, 2, 3])
+
+
+def test_guides_run_in_graph(adapter, images, tmp_path):
+    sig = adapter.signature()
+    GuideSet(sig.hidden_size, [1, 2], 8).save(tmp_path / "guides.safetensors", sig.num_layers)
+    recipe = Recipe(model=sig, prune=PruneSpec(scorer="guide", keep_after=[1.0, 0.5, 0.25, 0.25],
+                                               guides=GuideSpec("guides.safetensors", [1, 2], 8)))
+    recipe = Recipe.load(recipe.save(tmp_path / "recipe.json"))
+    _check(PrunedEngine(adapter, recipe), images)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.01])
+def test_exit_router_decides_between_segments(adapter, images, tmp_path, threshold):
+    sig = adapter.signature()
+    router = ExitRouter(sig.hidden_size, [1, 2], 8)
+    router.reset_parameters(3)
+    router.save(tmp_path / "router.safetensors", sig.num_layers)
+    recipe = Recipe(model=sig, prune=PruneSpec(scorer="fastv", keep_after=[1.0, 0.5, 0.5, 0.5]),
+                    exit=ExitSpec("router.safetensors", [1, 2], threshold, 8))
+    recipe = Recipe.load(recipe.save(tmp_path / "recipe.json"))
+    exits = _check(PrunedEngine(adapter, recipe), images)
+    if threshold == 0.0:
+        assert exits == [1, 1, 1]
+    if threshold > 1.0:
+        assert exits == [None, None, None]
+
+
+def test_stable_selection_breaks_ties_towards_the_earlier_token():
+    scores = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.9, 0.5])
+    assert cx.Prefill._select(scores, 3).tolist() == [0, 1, 4]
+    np.testing.assert_array_equal(cx.Prefill._select(torch.zeros(5), 2).numpy(), [0, 1])
