@@ -8,7 +8,8 @@ benchmarks/results/executorch.{json,md}.
 3. peak RSS (one subprocess per artifact, so artifacts do not share a process) and artifact size.
 
 Recipes: keep-all, fitprune-60 (benchmarks/recipes/fitprune-60, fitted by issue 5's script; when it is
-missing, FastV at the same 60% exact-FLOPs budget instead), guides-90 and dyvte when their recipes exist. Finished stages are kept in the JSON, so an interrupted run continues.
+missing, FastV at the same 60% exact-FLOPs budget instead), guides-90 and dyvte when their recipes exist.
+Finished stages are kept in the JSON, so an interrupted run continues.
 
     .venv/bin/python benchmarks/executorch_acceptance.py [--n 500] [--runs 7] [--work /tmp/ep-executorch]
 """
@@ -92,8 +93,9 @@ def convert_all(model: Path, named: dict[str, Path], work: Path, state: State) -
             out = work / "artifacts" / f"{name}-{quant}"
             if not (out / "manifest.json").is_file():
                 log(f"converting {key}")
-                res = convert(model, recipe, out, ConvertOptions(quant=quant, max_prompt_tokens=64,
-                                                                 max_new_tokens=DECODE_TOKENS, overwrite=True))
+                options = ConvertOptions(quant=quant, max_prompt_tokens=64, max_new_tokens=DECODE_TOKENS,
+                                         overwrite=True)
+                res = convert(model, recipe, out, options)
                 state.data.setdefault("convert", {})[key] = {
                     "seconds": round(res.seconds, 1), "pte_mib": round(res.pte_bytes / 2**20, 3),
                     "delegation_share": round(res.delegation.share, 4),
@@ -160,10 +162,12 @@ def speed(arts: dict[str, Path], names: list[str], runs: int, state: State) -> N
         for _ in tqdm(range(runs), desc=f"speed {quant}", unit="round"):
             for it in items:
                 for name, s in sessions.items():
-                    r = s.generate(it.image, chat_prompt(it.question), max_new_tokens=DECODE_TOKENS, ignore_eos=True)
+                    r = s.generate(it.image, chat_prompt(it.question), max_new_tokens=DECODE_TOKENS,
+                                   ignore_eos=True)
                     t = r.timings
-                    for key, value in (("prefill_ms", t.prefill_ms), ("ttft_ms", t.ttft_ms), ("vision_ms", t.vision_ms),
-                                       ("decode_tok_s", t.decode_tok_s), ("preprocess_ms", t.preprocess_ms)):
+                    for key, value in (("prefill_ms", t.prefill_ms), ("ttft_ms", t.ttft_ms),
+                                       ("vision_ms", t.vision_ms), ("decode_tok_s", t.decode_tok_s),
+                                       ("preprocess_ms", t.preprocess_ms)):
                         samples[name].setdefault(key, []).append(value)
         med = {name: {k: statistics.median(v) for k, v in m.items()} for name, m in samples.items()}
         base = med["keep-all"]
@@ -177,8 +181,8 @@ def speed(arts: dict[str, Path], names: list[str], runs: int, state: State) -> N
             for name, m in med.items()
         }
         state.save()
-        log(f"speed {quant}: " + ", ".join(f"{n} prefill {v['prefill_ms']:.2f} ms ({v['prefill_speedup']:.2f}x)"
-                                           for n, v in out[quant].items()))
+        summary = (f"{n} prefill {v['prefill_ms']:.2f} ms ({v['prefill_speedup']:.2f}x)" for n, v in out[quant].items())
+        log(f"speed {quant}: " + ", ".join(summary))
 
 
 RSS_CHILD = """
@@ -199,7 +203,8 @@ def memory(arts: dict[str, Path], state: State) -> None:
     for key, path in arts.items():
         if key in out:
             continue
-        res = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path)], capture_output=True, text=True, check=True)
+        res = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path)], capture_output=True, text=True,
+                             check=True)
         out[key] = {**json.loads(res.stdout.strip().splitlines()[-1]),
                     "pte_mib": round((path / "model.pte").stat().st_size / 2**20, 3)}
         state.save()
@@ -223,21 +228,24 @@ def report(data: dict[str, Any], n: int) -> str:
     sp, mem = data.get("speed", {}), data.get("memory", {})
     if sp:
         lines += ["## Speed, memory and size", "",
-                  "| quant | recipe | prefill ms | prefill speedup | TTFT ms | TTFT speedup | vision share of TTFT | "
+                  "| quant | recipe | prefill ms | prefill speedup | TTFT ms | TTFT speedup | "
+                  "vision share of TTFT | "
                   "decode tok/s | decode vs keep-all | peak RSS MiB | .pte MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for quant, rows in sp.items():
             for name, r in rows.items():
                 m = mem.get(f"{name}/{quant}", {})
                 lines.append(
-                    f"| {quant} | {name} | {r['prefill_ms']:.2f} | {r['prefill_speedup']:.2f}x | {r['ttft_ms']:.2f} | "
+                    f"| {quant} | {name} | {r['prefill_ms']:.2f} | {r['prefill_speedup']:.2f}x | "
+                    f"{r['ttft_ms']:.2f} | "
                     f"{r['ttft_speedup']:.2f}x | {r['vision_share_of_ttft']:.0%} | {r['decode_tok_s']:.1f} | "
                     f"{r['decode_ratio']:.2f}x | {m.get('peak_rss_mb', float('nan')):.0f} | "
                     f"{m.get('pte_mib', float('nan')):.2f} |")
         lines.append("")
     conv = data.get("convert", {})
     if conv:
-        lines += ["## Conversions", "", "| artifact | seconds | delegated share of graph nodes | visual tokens kept per layer |",
+        lines += ["## Conversions", "",
+                  "| artifact | seconds | delegated share of graph nodes | visual tokens kept per layer |",
                   "|---|---|---|---|"]
         for key, c in conv.items():
             lines.append(f"| {key} | {c['seconds']:.0f} | {c['delegation_share']:.1%} | {c['kept']} |")
@@ -252,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ep-executorch"))
     ap.add_argument("--stages", default="convert,fidelity,speed,memory")
-    ap.add_argument("--recipes", help="comma-separated subset, e.g. keep-all,fitprune-60 (default: all found)")
+    ap.add_argument("--recipes", help="comma-separated subset, e.g. keep-all,fastv-60 (default: all found)")
     args = ap.parse_args(argv)
     import torch
 

@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, bounds in variants.items():
         out = args.work / name.replace(" ", "-")
         if not (out / "manifest.json").is_file():
-            convert(args.model, recipe, out, ConvertOptions(segment_boundaries=bounds, max_prompt_tokens=64,
-                                                            max_new_tokens=4, text_only_prefill=False, overwrite=True))
+            options = ConvertOptions(segment_boundaries=bounds, max_prompt_tokens=64, max_new_tokens=4,
+                                     text_only_prefill=False, overwrite=True)
+            convert(args.model, recipe, out, options)
         sessions[name] = load(out)
     items = list(iter_items("test", 4))
     for s in sessions.values():  # warm-up
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.runs):
         for it in items:
             for name, s in sessions.items():
-                prefill[name].append(s.generate(it.image, chat_prompt(it.question), max_new_tokens=1).timings.prefill_ms)
+                r = s.generate(it.image, chat_prompt(it.question), max_new_tokens=1)
+                prefill[name].append(r.timings.prefill_ms)
     # The bare cost of one method call: token_embedding on two tokens.
     s = sessions["1 segment"]
     ids = np.asarray([[1, 2]], dtype=np.int64)
@@ -80,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "executorch_segments.json").write_text(json.dumps(result, indent=2))
     md = [
         "# Prefill segments: the cost of splitting the exported decoder (issue 6)", "",
-        f"Model {args.model.name}: {layers} decoder layers, {shape.num_visual_tokens} visual tokens, keep-all recipe, "
+        f"Model {args.model.name}: {layers} decoder layers, {shape.num_visual_tokens} visual tokens, "
+        "keep-all recipe, "
         f"XNNPACK fp32; median of {result['samples']} interleaved prefills.", "",
         "| variant | prefill ms |", "|---|---|",
         *[f"| {n} | {v:.2f} |" for n, v in med.items()], "",
         f"Overhead per extra segment: {result['overhead_per_extra_segment_ms']:.3f} ms "
         f"({result['overhead_share_per_segment']:.1%} of a one-piece prefill); a bare method call "
-        f"(token_embedding, 2 tokens) takes {result['bare_method_call_ms_median']:.3f} ms in the Python runtime.", "",
+        f"(token_embedding, 2 tokens) takes {result['bare_method_call_ms_median']:.3f} ms in the Python "
+        "runtime.",
+        "",
     ]
     (RESULTS / "executorch_segments.md").write_text("\n".join(md))
     print("\n".join(md))

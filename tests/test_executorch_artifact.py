@@ -28,14 +28,16 @@ SCHEDULE = [0.5, 0.25]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny2", TinySpec(num_layers=2, vision_layers=1))
+    spec = TinySpec(num_layers=2, vision_layers=1)
+    return write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny2", spec)
 
 
 @pytest.fixture(scope="module")
 def recipe(model_dir):
     from edge_prune.models.shapes import load_shape
 
-    return Recipe(model=load_shape(model_dir).signature(), prune=PruneSpec(scorer="fitprune", keep_after=SCHEDULE))
+    prune = PruneSpec(scorer="fitprune", keep_after=SCHEDULE)
+    return Recipe(model=load_shape(model_dir).signature(), prune=prune)
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +77,14 @@ def test_text_only_prompt_is_not_pruned_and_matches(artifact, engine):
 def test_manifest_describes_the_program(artifact, recipe):
     manifest = read_manifest(artifact)
     assert manifest.backend == "xnnpack" and manifest.quant == "none"
-    assert {"model.pte", "recipe.json", "tokenizer.json", "chat_template.json", "preprocess.json"} <= set(manifest.files)
+    files = {"model.pte", "recipe.json", "tokenizer.json", "chat_template.json", "preprocess.json"}
+    assert files <= set(manifest.files)
     assert manifest.versions["executorch"] and manifest.versions["torch"]
     program = manifest.extra["program"]
     assert program["seen"] == [64, 32] and program["kept"] == [32, 16]
     delegation = manifest.extra["delegation"]
-    assert set(delegation["methods"]) == {"vision_encoder", "token_embedding", "prefill", "prefill_text", "decode"}
+    methods = {"vision_encoder", "token_embedding", "prefill", "prefill_text", "decode"}
+    assert set(delegation["methods"]) == methods
     assert 0.3 < delegation["share"] <= 1.0
     assert Recipe.load(artifact / "recipe.json").prune.keep_after == recipe.prune.keep_after
     assert not list(artifact.parent.glob(".*tmp"))  # the temp dir was renamed into place

@@ -17,7 +17,8 @@ from tests.conftest import PROMPTS
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny1", TinySpec(num_layers=1, vision_layers=1))
+    spec = TinySpec(num_layers=1, vision_layers=1)
+    return write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny1", spec)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def test_8da4w_artifact_runs_and_stays_close_to_fp32(model_dir, recipe, tmp_path
 
 
 @pytest.mark.parametrize("backend, registry_name", [("vulkan", "VulkanBackend"), ("coreml", "CoreMLBackend")])
-def test_device_backends_lower_here_and_report_delegation(model_dir, recipe, tmp_path, backend, registry_name):
+def test_device_backends_lower_here_and_report_delegation(model_dir, recipe, tmp_path, backend,
+                                                           registry_name):
     result = _convert(model_dir, recipe, tmp_path / backend, backend=backend)
     manifest = read_manifest(result.path)
     summary = manifest.extra["delegation"]
@@ -62,7 +64,8 @@ def test_device_backends_lower_here_and_report_delegation(model_dir, recipe, tmp
 
 def test_qnn_without_the_sdk_names_it_and_how_to_install(model_dir, recipe, tmp_path, monkeypatch):
     monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
-    with pytest.raises(ArtifactError, match="Qualcomm's QNN SDK.*QNN_SDK_ROOT is not set.*export QNN_SDK_ROOT"):
+    missing = "Qualcomm's QNN SDK.*QNN_SDK_ROOT is not set.*export QNN_SDK_ROOT"
+    with pytest.raises(ArtifactError, match=missing):
         _convert(model_dir, recipe, tmp_path / "qnn", backend="qnn")
     monkeypatch.setenv("QNN_SDK_ROOT", str(tmp_path))
     with pytest.raises(ArtifactError, match="has no lib/x86_64-linux-clang/libQnnHtp.so"):

@@ -1,5 +1,5 @@
 """The modules the ExecuTorch converter exports, run eagerly, equal the reference engine for every scorer,
-input pooling, guides and exit routers (lowering is tested once in test_executorch_artifact.py; it is slow)."""
+input pooling, guides and exit routers (lowering is slow: test_executorch_artifact.py does it once)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def _run_exported_modules(engine: PrunedEngine, prompt: str, image, boundaries: 
     spec = cx.build_spec(ad, recipe, cx.ConvertOptions(segment_boundaries=boundaries))
     parts = cx.DecoderParts(ad, recipe, spec, engine.guides, engine.router).eval()
     segments = [cx.Prefill(parts, a, b) for a, b in spec.prefill_segments]
-    tails = {layer: cx.Prefill(parts, layer + 1, spec.num_layers, mode="exited") for layer in exit_method_names(spec)}
+    tails = {layer: cx.Prefill(parts, layer + 1, spec.num_layers, mode="exited")
+             for layer in exit_method_names(spec)}
     batch = ad.prepare([prompt], [image])
     ids = batch.input_ids[0]
     start = torch.tensor([int((ids == ad.image_token_id).nonzero()[0])])
@@ -73,12 +74,14 @@ def _check(engine: PrunedEngine, images, boundaries=()):
     ("pool", [0.25] * 4, 0.25),
 ])
 def test_in_graph_scorers_match_the_engine(adapter, images, scorer, keep, keep_input):
-    recipe = Recipe(model=adapter.signature(), prune=PruneSpec(scorer=scorer, keep_after=keep, keep_input=keep_input))
+    prune = PruneSpec(scorer=scorer, keep_after=keep, keep_input=keep_input)
+    recipe = Recipe(model=adapter.signature(), prune=prune)
     _check(PrunedEngine(adapter, recipe), images)
 
 
 def test_prefill_split_into_segments_matches(adapter, images):
-    recipe = Recipe(model=adapter.signature(), prune=PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.25, 0.1]))
+    prune = PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.25, 0.1])
+    recipe = Recipe(model=adapter.signature(), prune=prune)
     _check(PrunedEngine(adapter, recipe), images, boundaries=[1, 2, 3])
 
 

@@ -1,4 +1,4 @@
-"""On-device preprocessing and tokenization equal the checkpoint's HF processor (no torch on the device side)."""
+"""On-device preprocessing and tokenization equal the checkpoint's HF processor (no torch on the device)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def adapter(tiny_llava_dir):
 
 def _images():
     rng = np.random.default_rng(1)
-    sizes = [(32, 32), (40, 72), (70, 36), (17, 90), (200, 150)]  # square, wide, tall, needs padding, downscale
+    sizes = [(32, 32), (40, 72), (70, 36), (17, 90), (200, 150)]  # square, wide, tall, padded, downscaled
     out = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
     rgba = Image.fromarray(rng.integers(0, 256, (48, 40, 4), dtype=np.uint8), mode="RGBA")
     return out + [rgba, rng.integers(0, 256, (33, 45, 3), dtype=np.uint8)]
@@ -45,8 +45,10 @@ def test_tokenization_matches_the_hf_processor(adapter, tmp_path):
     for prompt in [*PROMPTS, "USER: <image>\nalready templated ASSISTANT:"]:
         ids = adapter.prepare([prompt], [np.zeros((32, 32, 3), np.uint8)]).input_ids[0].tolist()
         ours = tok.encode(prompt, with_image=True)
-        expanded = ours.text_ids[:ours.image_start] + [adapter.image_token_id] * n + ours.text_ids[ours.image_start:]
+        cut = ours.image_start
+        expanded = ours.text_ids[:cut] + [adapter.image_token_id] * n + ours.text_ids[cut:]
         assert expanded == ids
         text_only = adapter.prepare([prompt.replace("<image>", "")]).input_ids[0].tolist()
         assert tok.encode(prompt.replace("<image>", ""), with_image=False).text_ids == text_only
-    assert tok.decode(ids[-3:]) == adapter.processor.tokenizer.decode(ids[-3:], skip_special_tokens=True).strip()
+    theirs = adapter.processor.tokenizer.decode(ids[-3:], skip_special_tokens=True).strip()
+    assert tok.decode(ids[-3:]) == theirs
