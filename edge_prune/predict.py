@@ -142,3 +142,34 @@ def _copy_probe(seconds: float) -> float:
         np.copyto(dst, src)
         done += 1
     return done * 2 * src.nbytes / (time.perf_counter() - start)  # read + write
+
+
+# ---- device-aware fitting ------------------------------------------------------------------------
+def required_reduction(shape: ModelShape, profile: DeviceProfile, ttft_ms: float | None = None,
+                       peak_rss_mb: float | None = None, quant: str = "fp16", text_tokens: int = 64) -> float:
+    """The smallest prefill-FLOPs reduction (exact accounting) whose predicted TTFT and memory fit the budget.
+
+    Prefill is modelled compute-bound, so TTFT scales with FLOPs: the allowed FLOPs are the budget times
+    the device's sustained FLOP/s. Memory only shrinks through the KV cache and activations.
+    """
+    from edge_prune.errors import ProfileError
+
+    for name, value in (("--ttft-ms", ttft_ms), ("--peak-rss-mb", peak_rss_mb)):
+        if value is not None and value <= 0:
+            raise ProfileError(f"{name} is {value}; budgets must be numbers > 0")
+    if ttft_ms is None and peak_rss_mb is None:
+        raise ProfileError("give --ttft-ms and/or --peak-rss-mb to fit against a device budget")
+    full = predict(shape, None, profile, quant=quant, text_tokens=text_tokens)
+    needed = 0.0
+    if ttft_ms is not None and full.ttft_ms > ttft_ms:
+        needed = 1.0 - ttft_ms / full.ttft_ms
+    if peak_rss_mb is not None and full.memory_mb["total"] > peak_rss_mb:
+        excess = full.memory_mb["total"] - peak_rss_mb
+        prunable = full.memory_mb["kv_cache"] + full.memory_mb["activations"]
+        if excess >= prunable:
+            raise ProfileError(
+                f"{profile.name}: predicted memory {full.memory_mb['total']:.0f} MB exceeds --peak-rss-mb "
+                f"{peak_rss_mb:.0f} by more than dropping visual tokens can save ({prunable:.0f} MB of KV cache and "
+                "activations); choose a smaller quantization or a device with more memory")
+        needed = max(needed, min(0.99, excess / prunable))  # a conservative share of FLOPs saved
+    return needed

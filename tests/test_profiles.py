@@ -122,3 +122,22 @@ def test_report_renders_in_headless_chromium(tiny_llava_dir, images, tmp_path, c
     subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile_dir}", f"--screenshot={shot}",
                     "--window-size=1200,1600", report.as_uri()], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_required_reduction_is_the_smallest_that_meets_the_ttft_budget():
+    from edge_prune.fit.baselines import baseline_recipe
+    from edge_prune.models.shapes import load_shape
+    from edge_prune.predict import predict, required_reduction
+
+    shape, jetson = load_shape(LLAVA_7B), load_profile("jetson-orin-nano-8gb")
+    needed = required_reduction(shape, jetson, ttft_ms=1500, quant="q4_0")
+    assert 0.2 < needed < 0.8
+    meets = baseline_recipe(shape, "fastv", needed, k=2)
+    assert predict(shape, meets, jetson, quant="q4_0").ttft_ms <= 1500
+    short = baseline_recipe(shape, "fastv", needed - 0.05, k=2)
+    assert predict(shape, short, jetson, quant="q4_0").ttft_ms > 1500
+    assert required_reduction(shape, jetson, ttft_ms=60_000, quant="q4_0") == 0.0  # already fast enough
+    with pytest.raises(ProfileError, match="--ttft-ms is -1"):
+        required_reduction(shape, jetson, ttft_ms=-1)
+    with pytest.raises(ProfileError, match="more than dropping visual tokens can save"):
+        required_reduction(shape, jetson, peak_rss_mb=1000, quant="q4_0")
