@@ -298,3 +298,16 @@ def test_dyvte_rejects_a_router_recipe_and_a_fastv_base(tiny_llava_dir, llava, c
     code = main(["fit", str(tiny_llava_dir), "--method", "dyvte", "--calib", str(calib), "--n", "16",
                  "--base-recipe", str(path), "-o", str(tmp_path / "o")])
     assert code == 2 and "already has an exit router" in capsys.readouterr().err
+
+
+def test_eval_reports_exit_layers_and_mean_flops(tiny_llava_dir, llava, tmp_path):
+    from edge_prune.bench.evaluate import evaluate, format_result
+
+    path = exit_recipe(llava, tmp_path, 0.35)
+    result = evaluate(tiny_llava_dir, recipe=path, n=7, batch_size=7, timing_items=1, progress=False)
+    assert sum(result.exit_layers.values()) == 7
+    assert sum(sum(c.values()) for c in result.exit_layers_per_family.values()) == 7
+    measured = {None if k == "none" else int(k): v / 7 for k, v in result.exit_layers.items()}
+    expected = estimate(llava.shape, Recipe.load(path), text_tokens=round(result.text_tokens), exits=measured)
+    assert result.pruned_flops == expected.pruned_flops
+    assert "exit layers (FLOPs are per-request means)" in format_result(result)

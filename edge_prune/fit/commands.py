@@ -59,7 +59,7 @@ def fit_learned(args: argparse.Namespace) -> int:
                        "rank": fitter.rank, "guide_parameters": p["guide_parameters"],
                        "decoder_parameters": p["decoder_parameters"],
                        "predicted_flops_reduction": p["predicted_flops_reduction"],
-                       "kl_first10": p["training"]["kl_first10"], "kl_last10": p["training"]["kl_last10"],
+                       "loss_first10": p["training"]["loss_first10"], "loss_last10": p["training"]["loss_last10"],
                        "seconds": result.seconds, "world_size": dist.world_size}
             if dist.rank == 0:
                 result.guides.save(folder / GUIDES_FILE, engine.adapter.num_layers)
@@ -101,7 +101,7 @@ def _describe(s: dict[str, Any]) -> str:
     share = lambda n: f"{n} parameters, {n / s['decoder_parameters']:.2%} of the decoder"  # noqa: E731
     if s["method"] == "lvpruning":
         return (f"wrote {s['recipe']}: guides for {s['schedule']} at rank {s['rank']} ({share(s['guide_parameters'])}); "
-                f"KL to the unpruned answers {s['kl_first10']:.4f} -> {s['kl_last10']:.4f}; predicted prefill "
+                f"training loss {s['loss_first10']:.4f} -> {s['loss_last10']:.4f}; predicted prefill "
                 f"reduction {s['predicted_flops_reduction']:.1%} (exact); {s['seconds']:.0f} s")
     rates = ", ".join(f"{layer}:{r:.0%}" for layer, r in zip(s["exit_layers"], s["exit_rates"]) if r > 0) or "none"
     return (f"wrote {s['recipe']}: exit router on layers {s['exit_layers']} at rank {s['rank']} "

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from edge_prune.cost import decoder_parameters, estimate
-from edge_prune.engine import PrunedEngine
+from edge_prune.engine import PrunedEngine, WorkingSet
 from edge_prune.errors import RecipeError
 from edge_prune.fit.calibration import CalibrationSet
 from edge_prune.fit.distributed import Dist
@@ -105,6 +105,7 @@ class GuideConfig:
     lr: float = 3e-3
     seed: int = 0
     checkpoint_every: int = 10
+    attention_distill: float = 0.5  # weight of the auxiliary attention-distillation term (0: KL only)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class GuideFitResult:
 class _Prepared:
     batch: ForcedBatch  # ws.hidden = state entering the first guide layer
     teacher_logp: torch.Tensor  # [P, vocab] unpruned log-probs at the pred positions
+    importance: dict[int, torch.Tensor]  # guide layer -> [B, T] teacher attention mass on each visual token
 
 
 def soft_keep(scores: torch.Tensor, present: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -137,6 +139,14 @@ def soft_keep(scores: torch.Tensor, present: torch.Tensor, counts: list[int]) ->
     mean = (s.detach() * pf).sum(1, keepdim=True) / count
     spread = (((s.detach() - mean) * pf) ** 2).sum(1, keepdim=True).div(count).sqrt().clamp(min=1e-3)
     return torch.sigmoid((s - tau) / spread)
+
+
+def _listwise_ce(scores: torch.Tensor, importance: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """[B] cross-entropy between the teacher's importance and softmax(scores), over the present visual tokens."""
+    target = importance * present
+    target = target / target.sum(1, keepdim=True).clamp(min=1e-12)
+    logp = torch.log_softmax(scores.float().masked_fill(~present, float("-inf")), dim=1)
+    return -(target * logp.masked_fill(~present, 0.0)).sum(1)
 
 
 class GuideFitter:
@@ -180,17 +190,44 @@ class GuideFitter:
             out, _, _ = engine.attend(layer, ws)
             ws.hidden = mlp(layer, ws.hidden + out)
         prefix = ws.hidden.clone()
-        for layer in self.adapter.layers[self.start:]:
-            out, _, _ = engine.attend(layer, ws)
+        last_visual = (ws.visual.long() * torch.arange(ws.visual.shape[1], device=ws.visual.device)).amax(1)
+        after = ws.valid & (torch.arange(ws.valid.shape[1], device=ws.valid.device)[None] > last_visual[:, None])
+        mass = []
+        for i, layer in enumerate(self.adapter.layers[self.start:], start=self.start):
+            out, _, (q, k, scaling) = engine.attend(layer, ws)
+            mass.append(self._text_attention(q, k, scaling, ws, after))
             ws.hidden = mlp(layer, ws.hidden + out)
         teacher = torch.log_softmax(pred_logits(engine, ws.hidden, fb.pred), dim=-1)
         ws.hidden = prefix
         fb.targets = torch.where(fb.targets < 0, teacher.argmax(-1), fb.targets)
-        return _Prepared(fb, teacher)
+        importance = {}
+        for layer in self.layers:
+            later = mass[layer + 1 - self.start:] or mass[-1:]
+            importance[layer] = torch.stack(later).mean(0) * ws.visual
+        return _Prepared(fb, teacher, importance)
+
+    @staticmethod
+    def _text_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, ws: WorkingSet,
+                        rows: torch.Tensor) -> torch.Tensor:
+        """[B, T] attention the `rows` tokens pay each token (mean over heads and rows), causal."""
+        from edge_prune.scoring import ScoreContext, attention_rows
+
+        out = torch.zeros(ws.valid.shape, device=q.device)
+        for b in range(q.shape[0]):
+            idx = rows[b].nonzero()[:, 0]
+            if not len(idx):
+                continue
+            ctx = ScoreContext(layer=0, query=q[b:b + 1], key=k[b:b + 1], scaling=scaling, valid=ws.valid[b:b + 1],
+                               visual=ws.visual[b:b + 1], text_after=ws.text_after[b:b + 1],
+                               positions=ws.positions[b:b + 1])
+            out[b] = attention_rows(ctx, idx[None]).mean(dim=(1, 2))[0]
+        return out
 
     # ---- the straight-through student -----------------------------------------------------------------
-    def student_logits(self, guides: GuideSet, prep: _Prepared, hard_only: bool = False) -> torch.Tensor:
-        """[P, vocab] logits of the guide-pruned model; forward identical to the engine's drops."""
+    def student_logits(self, guides: GuideSet, prep: _Prepared, hard_only: bool = False,
+                       distill: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """[P, vocab] logits of the guide-pruned model; forward identical to the engine's drops.
+        `distill` collects each guide layer's [B] attention-distillation loss."""
         fb, engine = prep.batch, self.engine
         ws = fb.ws
         h = ws.hidden
@@ -203,6 +240,8 @@ class GuideFitter:
                 targets = [c[i] for c in fb.counts]
                 if any(t < int(p) for t, p in zip(targets, present.sum(1).tolist())):
                     scores = guides.scores(i, h, present, ws.text_after)
+                    if distill is not None:
+                        distill.append(_listwise_ce(scores, prep.importance[i], present))
                     hard = select_visual(scores.detach(), present, targets)
                     if hard_only:
                         factor = hard.float()
@@ -214,9 +253,18 @@ class GuideFitter:
             h = mlp(layer, h)
         return pred_logits(engine, h, fb.pred)
 
-    def sample_kl(self, guides: GuideSet, prep: _Prepared, hard_only: bool = False) -> torch.Tensor:
+    def sample_loss(self, guides: GuideSet, prep: _Prepared) -> torch.Tensor:
+        """[B] training loss per sample: KL + attention_distill x mean listwise CE over the guide layers."""
+        distill: list[torch.Tensor] = []
+        kl = self.sample_kl(guides, prep, distill=distill if self.config.attention_distill > 0 else None)
+        if not distill:
+            return kl
+        return kl + self.config.attention_distill * torch.stack(distill).mean(0)
+
+    def sample_kl(self, guides: GuideSet, prep: _Prepared, hard_only: bool = False,
+                  distill: list[torch.Tensor] | None = None) -> torch.Tensor:
         """[B] KL(teacher || student) per sample, averaged over that sample's predicted positions."""
-        logp = torch.log_softmax(self.student_logits(guides, prep, hard_only), dim=-1)
+        logp = torch.log_softmax(self.student_logits(guides, prep, hard_only, distill), dim=-1)
         t = prep.teacher_logp
         per_pos = (t.exp() * (t - logp)).sum(-1)
         rows = prep.batch.pred.nonzero()[:, 0]
@@ -267,7 +315,7 @@ class GuideFitter:
             local = torch.zeros((), device=self.adapter.device)
             for m in chunk:
                 if m in owned:
-                    loss = self.sample_kl(guides, cache[m]).sum() / n_global
+                    loss = self.sample_loss(guides, cache[m]).sum() / n_global
                     loss.backward()
                     local += loss.detach()
             sum_gradients(guides, dist)
@@ -326,7 +374,7 @@ class GuideFitter:
             "training": {"steps": self.config.steps, "batch_size": self.config.batch_size, "lr": self.config.lr,
                          "seed": self.config.seed, "seconds": round(seconds, 1), "world_size": self.dist.world_size,
                          "device": str(self.adapter.device), "threads": torch.get_num_threads(),
-                         "kl_first10": sum(first) / max(1, len(first)), "kl_last10": sum(last) / max(1, len(last))},
+                         "loss_first10": sum(first) / max(1, len(first)), "loss_last10": sum(last) / max(1, len(last))},
             "edge_prune": edge_prune.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -1,0 +1,324 @@
+"""Issue 5 acceptance: LVPruning-style guides and DyVTE-style exit routers on the benchmark model.
+
+Fits every recipe into benchmarks/recipes/NAME/ (guides-90, the baselines at the guides' FLOPs,
+dyvte, fitprune-60, fitprune-60+dyvte, guides-90+dyvte), evaluates each on the test split with
+edge_prune.bench.evaluate, and writes benchmarks/results/guides_exits.{md,json} and the plot of
+exit layers per question family (guides_exits_exit_layers.png). Every finished fit and evaluation is
+stored at once, so an interrupted run continues where it stopped when started again.
+
+    .venv/bin/python benchmarks/guides_and_exits.py [--n 2000] [--train-n 512] [--steps 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from edge_prune.bench.evaluate import evaluate
+from edge_prune.bench.generator import FAMILIES, iter_items
+from edge_prune.bench.tokenizer import prompt as chat_prompt
+from edge_prune.cost import estimate
+from edge_prune.engine import PrunedEngine
+from edge_prune.fit.baselines import baseline_recipe
+from edge_prune.fit.calibration import load_calibration
+from edge_prune.fit.fitprune import FitPruneFitter
+from edge_prune.fit.guides import GUIDES_FILE, GuideConfig, GuideFitter, parse_schedule
+from edge_prune.fit.routers import RouterConfig, RouterFitter
+from edge_prune.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parent
+MODEL = ROOT / "models" / "toyvqa-llava"
+RECIPES = ROOT / "recipes"  # --out changes both (dry runs)
+RESULTS = ROOT / "results"
+SCHEDULE = "0.5@2,0.3@3,0.1@4"  # 90% of the visual tokens gone after layer 4 of 8 (the middle), as LVPruning
+FITPRUNE_60 = 0.6
+TRAIN_LIMIT_S = 30 * 60  # each kind of module must train in <= 30 min on 2 cores
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.model = Path(args.model)
+        self.engine = PrunedEngine.load(self.model)
+        self.shape = self.engine.adapter.shape
+        self.json_path = RESULTS / "guides_exits.json"
+        self.state: dict[str, Any] = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
+        self.state.setdefault("rows", {})
+        self.state.setdefault("fits", {})
+        tok = self.engine.adapter.processor.tokenizer
+        items = list(iter_items("test", 70))
+        self.text_tokens = round(sum(len(tok(chat_prompt(it.question))["input_ids"]) - 1 for it in items) / len(items))
+
+    # ---- bookkeeping --------------------------------------------------------------------------------
+    def save(self) -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.json_path, json.dumps(self.state, indent=2, default=str) + "\n")
+
+    def fitted(self, name: str, fit: Callable[[Path], Recipe]) -> Path:
+        """recipes/NAME/recipe.json, fitted once (delete the folder to refit)."""
+        path = RECIPES / name / "recipe.json"
+        if not path.is_file():
+            log(f"fitting {name}")
+            start = time.perf_counter()
+            recipe = fit(path)
+            seconds = time.perf_counter() - start
+            self.state["fits"][name] = {"seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+                                        "method": recipe.provenance.get("method"),
+                                        "predicted_flops_reduction": recipe.provenance.get("predicted_flops_reduction")}
+            self.save()
+            log(f"fitted {name} in {seconds:.0f} s")
+        return path
+
+    def evaluated(self, name: str, recipe: Path | None) -> dict[str, Any]:
+        key = f"{name}@{self.args.n}"
+        if key not in self.state["rows"]:
+            log(f"evaluating {name} on {self.args.n} test items")
+            result = evaluate(self.model, recipe=recipe, split="test", n=self.args.n, batch_size=self.args.batch_size,
+                              engine=self.engine, progress=not self.args.quiet)
+            row = asdict(result)
+            row["name"] = name
+            self.state["rows"][key] = row
+            self.save()
+            log(f"{name}: accuracy {result.accuracy:.2%}, FLOPs reduction {result.flops_reduction:.1%}")
+        return self.state["rows"][key]
+
+    # ---- fitters ------------------------------------------------------------------------------------
+    def fit_guides(self, path: Path) -> Recipe:
+        a = self.args
+        data = load_calibration("bench:train", a.train_n)
+        config = GuideConfig(parse_schedule(SCHEDULE, self.shape.num_layers), steps=a.steps, batch_size=8,
+                             micro_batch=4, lr=a.lr, seed=0)
+        fitter = GuideFitter(self.engine, data, config, work_dir=path.parent)
+        result = fitter.fit()
+        result.guides.save(path.parent / GUIDES_FILE, self.shape.num_layers)
+        result.recipe.save(path)
+        shutil.rmtree(path.parent / ".edge-prune-train", ignore_errors=True)
+        return result.recipe
+
+    def fit_router(self, base: Path | None) -> Callable[[Path], Recipe]:
+        def fit(path: Path) -> Recipe:
+            a = self.args
+            base_recipe = Recipe.load(base) if base is not None else None
+            engine = PrunedEngine(self.engine.adapter, base_recipe)
+            data = load_calibration("bench:train", a.router_n)
+            fitter = RouterFitter(engine, data, RouterConfig(max_risk=a.max_risk, micro_batch=8), work_dir=path.parent)
+            result = fitter.fit()
+            fitter.save(result, path)
+            shutil.rmtree(path.parent / ".edge-prune-train", ignore_errors=True)
+            return result.recipe
+        return fit
+
+    def fit_fitprune(self, reduction: float) -> Callable[[Path], Recipe]:
+        def fit(path: Path) -> Recipe:
+            data = load_calibration("bench:calib", 64)
+            result = FitPruneFitter(self.engine, data, reduction, batch_size=8).fit()
+            return Recipe.load(result.recipe.save(path))
+        return fit
+
+    def fit_baseline(self, method: str, reduction: float) -> Callable[[Path], Recipe]:
+        def fit(path: Path) -> Recipe:
+            recipe = baseline_recipe(self.shape, method, reduction, k=2, text_tokens=self.text_tokens)
+            return Recipe.load(recipe.save(path))
+        return fit
+
+    # ---- the run ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        guides = self.fitted("guides-90", self.fit_guides)
+        self.evaluated("unpruned", None)
+        self.evaluated("guides-90", guides)
+        target = estimate(self.shape, Recipe.load(guides), text_tokens=self.text_tokens).flops_reduction
+        target = int(target * 1000) / 1000  # the baselines meet the guides' reduction (or a hair more)
+        self.state["equal_flops_target"] = target
+        for method in ("fastv", "random", "pool"):
+            self.evaluated(f"{method}-eq", self.fitted(f"{method}-eq", self.fit_baseline(method, target)))
+        self.evaluated("fitprune-eq", self.fitted("fitprune-eq", self.fit_fitprune(target)))
+        dyvte = self.fitted("dyvte", self.fit_router(None))
+        self.evaluated("dyvte", dyvte)
+        fitprune60 = self.fitted("fitprune-60", self.fit_fitprune(FITPRUNE_60))
+        self.evaluated("fitprune-60", fitprune60)
+        self.evaluated("fitprune-60+dyvte", self.fitted("fitprune-60+dyvte", self.fit_router(fitprune60)))
+        self.evaluated("guides-90+dyvte", self.fitted("guides-90+dyvte", self.fit_router(guides)))
+
+
+# ---- report -------------------------------------------------------------------------------------------
+ORDER = ["unpruned", "guides-90", "fitprune-eq", "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
+         "fitprune-60+dyvte", "guides-90+dyvte"]
+
+
+def training_seconds(name: str) -> float | None:
+    """Module training time as the fitter measured it (recipe provenance)."""
+    path = RECIPES / name / "recipe.json"
+    if not path.is_file():
+        return None
+    prov = Recipe.load(path).provenance
+    return prov.get("training", {}).get("seconds")
+
+
+def report(state: dict[str, Any], n: int) -> str:
+    rows = {r["name"]: r for k, r in state["rows"].items() if k.endswith(f"@{n}")}
+    lines = [
+        "# Guides (LVPruning-style) and exit routers (DyVTE-style) on the benchmark model",
+        "",
+        f"Test split, n = {n} per row, greedy one-word answers; FLOPs are exact-accounting prefill FLOPs "
+        "(for exit routers the per-request mean over the measured exit layers). Produced by "
+        "`benchmarks/guides_and_exits.py`; recipes and module weights under `benchmarks/recipes/NAME/`.",
+        "",
+        "| recipe | prefill FLOPs reduction | accuracy | Δ vs unpruned | " + " | ".join(FAMILIES) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(FAMILIES),
+    ]
+    base = rows.get("unpruned", {}).get("accuracy")
+    for name in ORDER:
+        r = rows.get(name)
+        if r is None:
+            lines.append(f"| {name} | not run | | | " + " | " * len(FAMILIES))
+            continue
+        delta = f"{(r['accuracy'] - base) * 100:+.2f} pt" if base is not None else ""
+        fams = " | ".join(f"{r['per_family'].get(f, 0):.1%}" for f in FAMILIES)
+        lines.append(f"| {name} | {r['flops_reduction']:.1%} | {r['accuracy']:.2%} | {delta} | {fams} |")
+    lines += ["", "## Acceptance", ""]
+    checks = acceptance(rows)
+    for text, ok in checks:
+        lines.append(f"- {'PASS' if ok else 'FAIL' if ok is not None else 'NOT RUN'}: {text}")
+    lines += ["", "## Training time (2 CPU threads unless noted)", "",
+              "| module | fit seconds (whole fit) | training seconds (fitter) |", "|---|---:|---:|"]
+    for name, fit in state.get("fits", {}).items():
+        lines.append(f"| {name} | {fit['seconds']:.0f} | {training_seconds(name) or ''} |")
+    dyvte = rows.get("dyvte")
+    if dyvte and dyvte.get("exit_layers_per_family"):
+        lines += ["", "## Exit layers per question family (dyvte)", "",
+                  "![exit layers per family](guides_exits_exit_layers.png)", "",
+                  "| family | " + " | ".join(_exit_keys(dyvte)) + " |", "|---|" + "---:|" * len(_exit_keys(dyvte))]
+        for fam, counts in dyvte["exit_layers_per_family"].items():
+            total = sum(counts.values())
+            lines.append(f"| {fam} | " + " | ".join(f"{counts.get(k, 0) / total:.0%}" for k in _exit_keys(dyvte))
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _exit_keys(row: dict[str, Any]) -> list[str]:
+    keys = {k for counts in row["exit_layers_per_family"].values() for k in counts}
+    return sorted(keys, key=lambda k: (k == "none", int(k) if k != "none" else 0))
+
+
+def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]:
+    out: list[tuple[str, bool | None]] = []
+    base, g = rows.get("unpruned"), rows.get("guides-90")
+    if base and g:
+        drop = (base["accuracy"] - g["accuracy"]) * 100
+        out.append((f"guides-90 accuracy drop {drop:.2f} pt (<= 1 pt) at {g['flops_reduction']:.1%} fewer FLOPs",
+                    drop <= 1.0))
+        for other in ("fitprune-eq", "fastv-eq", "random-eq", "pool-eq"):
+            o = rows.get(other)
+            if o:
+                out.append((f"guides-90 {g['accuracy']:.2%} vs {other} {o['accuracy']:.2%} "
+                            f"({o['flops_reduction']:.1%} fewer FLOPs); position {g['per_family']['position']:.1%} vs "
+                            f"{o['per_family']['position']:.1%}",
+                            g["accuracy"] > o["accuracy"] and g["per_family"]["position"] >= o["per_family"]["position"]))
+    else:
+        out.append(("guides-90 vs unpruned and baselines", None))
+    d = rows.get("dyvte")
+    if base and d:
+        drop = (base["accuracy"] - d["accuracy"]) * 100
+        out.append((f"dyvte: mean prefill-FLOPs reduction {d['flops_reduction']:.1%} (>= 40%) with accuracy drop "
+                    f"{drop:.2f} pt (<= 0.5 pt)", d["flops_reduction"] >= 0.4 and drop <= 0.5))
+    else:
+        out.append(("dyvte: >= 40% mean prefill-FLOPs reduction with <= 0.5 pt drop", None))
+    for name in ("guides-90", "dyvte", "guides-90+dyvte", "fitprune-60+dyvte"):
+        s = training_seconds(name)
+        if s is not None:
+            out.append((f"{name}: module training {s:.0f} s (<= {TRAIN_LIMIT_S} s)", s <= TRAIN_LIMIT_S))
+    return out
+
+
+def plot(state: dict[str, Any], n: int, path: Path) -> bool:
+    row = state["rows"].get(f"dyvte@{n}")
+    if not row or not row.get("exit_layers_per_family"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = _exit_keys(row)
+    fams = list(row["exit_layers_per_family"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = [0.0] * len(fams)
+    cmap = plt.get_cmap("viridis", len(keys))
+    for i, key in enumerate(keys):
+        shares = [row["exit_layers_per_family"][f].get(key, 0) / sum(row["exit_layers_per_family"][f].values())
+                  for f in fams]
+        label = "no exit" if key == "none" else f"after layer {key}"
+        ax.bar(fams, shares, bottom=bottom, label=label, color="lightgrey" if key == "none" else cmap(i))
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    ax.set_ylabel("share of requests")
+    ax.set_title(f"DyVTE-style exit layer per question family (test, n={n})")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return True
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(MODEL))
+    p.add_argument("--n", type=int, default=2000, help="test items per row")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--train-n", type=int, default=512, help="bench:train samples for the guides")
+    p.add_argument("--router-n", type=int, default=256, help="bench:train samples for each exit router")
+    p.add_argument("--steps", type=int, default=64, help="guide optimiser steps (8 samples each)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-risk", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", help="write recipes/ and results/ under this folder instead of benchmarks/ (dry runs)")
+    args = p.parse_args(argv)
+    global RECIPES, RESULTS
+    if args.out:
+        RECIPES, RESULTS = Path(args.out) / "recipes", Path(args.out) / "results"
+    torch.set_num_threads(args.threads)
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"no benchmark model at {args.model}; train it first (edge-prune bench train)", file=sys.stderr)
+        return 2
+    if args.report_only:
+        state = json.loads((RESULTS / "guides_exits.json").read_text())
+    else:
+        bench = Bench(args)
+        try:
+            bench.run()
+        finally:
+            state = bench.state
+    plot(state, args.n, RESULTS / "guides_exits_exit_layers.png")
+    _atomic_write(RESULTS / "guides_exits.md", report(state, args.n))
+    log(f"wrote {RESULTS / 'guides_exits.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
