@@ -181,7 +181,8 @@ def speed(arts: dict[str, Path], names: list[str], runs: int, state: State) -> N
             for name, m in med.items()
         }
         state.save()
-        summary = (f"{n} prefill {v['prefill_ms']:.2f} ms ({v['prefill_speedup']:.2f}x)" for n, v in out[quant].items())
+        rows = out[quant].items()
+        summary = (f"{n} prefill {v['prefill_ms']:.2f} ms ({v['prefill_speedup']:.2f}x)" for n, v in rows)
         log(f"speed {quant}: " + ", ".join(summary))
 
 

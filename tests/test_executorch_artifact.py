@@ -43,7 +43,7 @@ def recipe(model_dir):
 @pytest.fixture(scope="module")
 def artifact(model_dir, recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "fitprune-xnnpack"
-    convert(model_dir, recipe, out, ConvertOptions(max_prompt_tokens=48, max_new_tokens=8, progress=False))
+    convert(model_dir, recipe, out, ConvertOptions(max_prompt_tokens=96, max_new_tokens=8, progress=False))
     return out
 
 
@@ -155,12 +155,12 @@ def test_prompt_limits_are_checked(artifact):
     with pytest.raises(InputError, match="max_new_tokens"):
         session.generate(None, "hi there", max_new_tokens=9)
     with pytest.raises(InputError, match="text tokens"):
-        session.generate(None, "count " * 60)
+        session.generate(None, "count " * 120, max_new_tokens=2)
     with pytest.raises(InputError, match="no image was given"):
-        session.generate(None, "<image>\nwhat is it?")
+        session.generate(None, "<image>\nwhat is it?", max_new_tokens=2)
     image = Image.new("RGB", (32, 32))
     with pytest.raises(InputError, match="ends with the image"):
-        session.generate(image, "USER: what is it? <image>")
+        session.generate(image, "USER: what is it? <image>", max_new_tokens=2)
 
 
 def test_convert_refuses_to_clobber(model_dir, recipe, artifact):

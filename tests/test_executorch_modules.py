@@ -94,7 +94,7 @@ def test_guides_run_in_graph(adapter, images, tmp_path):
     _check(PrunedEngine(adapter, recipe), images)
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.01])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
 def test_exit_router_decides_between_segments(adapter, images, tmp_path, threshold):
     sig = adapter.signature()
     router = ExitRouter(sig.hidden_size, [1, 2], 8)
@@ -106,7 +106,7 @@ def test_exit_router_decides_between_segments(adapter, images, tmp_path, thresho
     exits = _check(PrunedEngine(adapter, recipe), images)
     if threshold == 0.0:
         assert exits == [1, 1, 1]
-    if threshold > 1.0:
+    if threshold == 1.0:  # sigmoid of a small random router never reaches 1
         assert exits == [None, None, None]
 
 
