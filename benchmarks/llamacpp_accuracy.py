@@ -35,8 +35,10 @@ from edge_prune.runtimes import load
 BENCH_MODEL = Path(__file__).parent / "models" / "toyvqa-llava"
 RESULTS = Path(__file__).parent / "results"
 QUANTS = ("f16", "q8_0", "q4_k_m")
-KEEPS = (1.0, 0.5, 0.25, 0.1)
+# Input-level keep fractions: 50/75/90% of the visual tokens dropped.
+KEEPS = {"pool": (0.5, 0.25, 0.1), "random": (0.5, 0.25, 0.1)}
 MAX_NEW = 4
+SECTIONS = ("fidelity", "pruning", "mapped", "exit")
 
 
 def first_word(text: str) -> str:
@@ -122,7 +124,7 @@ def stock_answers(art: Path, items: list, threads: int) -> list[str]:
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     batch = llama_cpp.llama_batch_init(1, 0, 1)
     out = []
-    for it in tqdm(items, desc="stock llama.cpp", unit="item"):
+    for it in tqdm(items, desc="stock llama.cpp", unit="item", mininterval=15):
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
         text = chat_prompt(it.question).replace("<image>", marker).encode()
         rgb = np.ascontiguousarray(np.asarray(it.image.convert("RGB")), dtype=np.uint8)
@@ -162,7 +164,7 @@ def stock_answers(art: Path, items: list, threads: int) -> list[str]:
 def runtime_run(art: Path, items: list, threads: int, desc: str, **options: Any) -> dict[str, Any]:
     session = load(art, n_threads=threads, **options)
     answers, ttft, prefill, vision, kv, kept = [], [], [], [], [], []
-    for it in tqdm(items, desc=desc, unit="item"):
+    for it in tqdm(items, desc=desc, unit="item", mininterval=15):
         res = session.generate(it.image, chat_prompt(it.question), max_new_tokens=MAX_NEW)
         answers.append(res.text)
         ttft.append(res.timings.ttft_ms)
@@ -211,6 +213,31 @@ def gguf_readback(model_dir: Path, art: Path, items: list) -> dict[str, float]:
             "argmax_agreement": statistics.fmean(agree)}
 
 
+def side_by_side(model_dir: Path, work: Path, items: list, threads: int, base: dict[str, Any]) -> dict[str, Any]:
+    """TTFT, same machine and run: llama.cpp unpruned vs edge-prune llama.cpp pruned vs edge-prune
+    ExecuTorch pruned, one FastV recipe (-50% FLOPs), 8-bit weights on both (q8_0 / int8)."""
+    from edge_prune.fit.baselines import baseline_recipe
+    from edge_prune.models.shapes import load_shape
+
+    recipe = baseline_recipe(load_shape(model_dir), "fastv", 0.5, k=2)
+    out: dict[str, Any] = {"recipe": "fastv K=2 at -50% FLOPs", "items": len(items)}
+    q8 = work / "sbs-q8_0"
+    convert_gguf(model_dir, q8, recipe=recipe, quant="q8_0", overwrite=True, progress=False)
+    out["llamacpp_unpruned_q8_0_ttft_ms"] = runtime_run(q8, items, threads, "sbs llama.cpp unpruned", keep=1.0)["ttft_ms"]
+    out["llamacpp_pruned_q8_0_ttft_ms"] = runtime_run(q8, items, threads, "sbs llama.cpp pruned")["ttft_ms"]
+    try:
+        from edge_prune.converters.executorch import ConvertOptions, convert
+
+        et = work / "sbs-executorch-int8"
+        convert(model_dir, recipe, et, ConvertOptions(quant="int8", overwrite=True, progress=False))
+        session = load(et)
+        ttft = [session.generate(it.image, chat_prompt(it.question), max_new_tokens=1).timings.ttft_ms for it in items]
+        out["executorch_pruned_int8_ttft_ms"] = statistics.median(ttft)
+    except Exception as exc:  # the ExecuTorch path is another engineer's work in progress: record, do not fail
+        out["executorch_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -220,7 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("out/llamacpp-bench"))
     ap.add_argument("--results", type=Path, default=RESULTS / "llamacpp")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--with-executorch", action="store_true", help="add the TTFT table against the ExecuTorch runtime")
+    ap.add_argument("--timing-items", type=int, default=30, help="items timed for the side-by-side table")
     args = ap.parse_args(argv)
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(args.threads)
     model_dir = stand_in(args.work / "stand-in") if args.stand_in else args.model
     if not (model_dir / "config.json").is_file():
@@ -229,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     items = list(iter_items("test", args.n))
     report: dict[str, Any] = {"model": str(model_dir), "n": len(items), "threads": args.threads,
                               "stand_in": args.stand_in, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    training = model_dir / "training_run.json"
+    if training.is_file():
+        run = json.loads(training.read_text())
+        report["checkpoint"] = {"step": run.get("step"), "complete": run.get("complete")}
+
+    def save() -> None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        args.results.with_suffix(".md").write_text(render(report))
 
     arts = {}
     for q in QUANTS:
@@ -238,112 +281,137 @@ def main(argv: list[str] | None = None) -> int:
 
     hf = transformers_answers(model_dir, items)
     report["transformers_accuracy"] = accuracy(hf, items)
+    base = runtime_run(arts["f16"], items, args.threads, "runtime f16")
+    report["base"] = {k: base[k] for k in ("ttft_ms", "prefill_ms", "vision_ms", "kv_bytes")}
 
-    fidelity: dict[str, Any] = {}
-    stock = stock_answers(arts["f16"], items, args.threads)
-    fidelity["stock_f16"] = {"agreement_with_transformers": agreement(stock, hf), "accuracy": accuracy(stock, items)}
-    runs: dict[str, Any] = {}
-    for q in QUANTS:
-        runs[q] = runtime_run(arts[q], items, args.threads, f"runtime {q}")
-        fidelity[q] = {"agreement_with_transformers": agreement(runs[q]["answers"], hf),
-                       "agreement_with_stock": agreement(runs[q]["answers"], stock),
-                       "accuracy": accuracy(runs[q]["answers"], items), "ttft_ms": runs[q]["ttft_ms"]}
-    report["fidelity"] = fidelity
-    report["gguf_readback"] = {q: gguf_readback(model_dir, arts[q], items[:40]) for q in ("f16", "q8_0")}
+    if "fidelity" in sections:
+        stock = stock_answers(arts["f16"], items, args.threads)
+        fidelity: dict[str, Any] = {"stock_f16": {"agreement_with_transformers": agreement(stock, hf),
+                                                  "accuracy": accuracy(stock, items)}}
+        for q in QUANTS:
+            run_q = base if q == "f16" else runtime_run(arts[q], items, args.threads, f"runtime {q}")
+            fidelity[q] = {"agreement_with_transformers": agreement(run_q["answers"], hf),
+                           "agreement_with_stock": agreement(run_q["answers"], stock),
+                           "accuracy": accuracy(run_q["answers"], items), "ttft_ms": run_q["ttft_ms"]}
+        report["fidelity"] = fidelity
+        report["gguf_readback"] = {q: gguf_readback(model_dir, arts[q], items[:40]) for q in ("f16", "q8_0")}
+        save()
 
-    pruning = []
-    base = runs["f16"]
-    for scorer in ("pool", "random"):
-        for keep in KEEPS[1:]:
-            r = runtime_run(arts["f16"], items, args.threads, f"keep {keep} {scorer}", keep=keep, input_scorer=scorer)
-            pruning.append({"scorer": scorer, "keep": keep, "entered_decoder": r["entered_decoder"],
-                            "accuracy": accuracy(r["answers"], items), "ttft_ms": r["ttft_ms"],
-                            "prefill_ms": r["prefill_ms"], "ttft_speedup": base["ttft_ms"] / r["ttft_ms"],
-                            "prefill_speedup": base["prefill_ms"] / r["prefill_ms"], "kv_bytes": r["kv_bytes"]})
-    report["pruning"] = {"base": {k: base[k] for k in ("ttft_ms", "prefill_ms", "vision_ms", "kv_bytes")},
-                         "rows": pruning}
+    if "pruning" in sections:
+        rows = []
+        for scorer, keeps in KEEPS.items():
+            for keep in keeps:
+                r = runtime_run(arts["f16"], items, args.threads, f"keep {keep} {scorer}", keep=keep,
+                                input_scorer=scorer)
+                rows.append({"scorer": scorer, "keep": keep, "entered_decoder": r["entered_decoder"],
+                             "accuracy": accuracy(r["answers"], items), "ttft_ms": r["ttft_ms"],
+                             "prefill_ms": r["prefill_ms"], "ttft_speedup": base["ttft_ms"] / r["ttft_ms"],
+                             "prefill_speedup": base["prefill_ms"] / r["prefill_ms"], "kv_bytes": r["kv_bytes"]})
+                report["pruning"] = rows
+                save()
 
-    from edge_prune.fit.baselines import baseline_recipe
-    from edge_prune.models.shapes import load_shape
+    if "mapped" in sections:
+        from edge_prune.fit.baselines import baseline_recipe
+        from edge_prune.models.shapes import load_shape
 
-    shape = load_shape(model_dir)
-    mapped = []
-    for fr in (0.5, 0.65):
-        recipe = baseline_recipe(shape, "fastv", fr, k=2)
-        eng_acc, _ = engine_accuracy(model_dir, recipe, items)
-        art = args.work / f"fastv-{fr}"
-        convert_gguf(model_dir, art, recipe=recipe, quant="f16", overwrite=True, progress=False)
-        r = runtime_run(art, items, args.threads, f"mapped fastv {fr}")
-        mapped.append({"recipe": f"fastv K=2 at -{int(fr * 100)}% FLOPs", "engine_accuracy": eng_acc,
-                       "llamacpp_accuracy": accuracy(r["answers"], items), "input_count": r["entered_decoder"],
-                       "schedule": r["schedule"], "ttft_speedup": base["ttft_ms"] / r["ttft_ms"]})
-    report["mapped_schedules"] = mapped
+        shape = load_shape(model_dir)
+        report["mapped_schedules"] = []
+        for fr in (0.5, 0.65):
+            recipe = baseline_recipe(shape, "fastv", fr, k=2)
+            eng_acc, _ = engine_accuracy(model_dir, recipe, items)
+            art = args.work / f"fastv-{fr}"
+            convert_gguf(model_dir, art, recipe=recipe, quant="f16", overwrite=True, progress=False)
+            r = runtime_run(art, items, args.threads, f"mapped fastv {fr}")
+            report["mapped_schedules"].append({
+                "recipe": f"fastv K=2 at -{int(fr * 100)}% FLOPs", "engine_accuracy": eng_acc,
+                "llamacpp_accuracy": accuracy(r["answers"], items), "input_count": r["entered_decoder"],
+                "schedule": r["schedule"], "ttft_speedup": base["ttft_ms"] / r["ttft_ms"]})
+            save()
 
-    exits = []
-    sub = items[: min(40, len(items))]
-    full = decode_speed(arts["f16"], sub, args.threads, exit_after_prefill=False)
-    for close_gap in (True, False):
-        r = runtime_run(arts["f16"], items, args.threads, f"exit close_gap={close_gap}", exit_after_prefill=True,
-                        exit_close_gap=close_gap)
-        d = decode_speed(arts["f16"], sub, args.threads, exit_after_prefill=True, close_gap=close_gap)
-        exits.append({"close_gap": close_gap, "accuracy": accuracy(r["answers"], items),
-                      "agreement_with_unpruned": agreement(r["answers"], base["answers"]),
-                      "kv_bytes": d["kv_bytes"], "kv_saving": 1 - d["kv_bytes"] / full["kv_bytes"],
-                      "decode_tok_s": d["decode_tok_s"], "decode_speedup": d["decode_tok_s"] / full["decode_tok_s"]})
-    report["exit"] = {"full": full, "rows": exits}
+    if "exit" in sections:
+        sub = items[: min(40, len(items))]
+        full = decode_speed(arts["f16"], sub, args.threads, exit_after_prefill=False)
+        report["exit"] = {"full": full, "rows": []}
+        for close_gap in (True, False):
+            r = runtime_run(arts["f16"], items, args.threads, f"exit close_gap={close_gap}",
+                            exit_after_prefill=True, exit_close_gap=close_gap)
+            d = decode_speed(arts["f16"], sub, args.threads, exit_after_prefill=True, close_gap=close_gap)
+            report["exit"]["rows"].append({
+                "close_gap": close_gap, "accuracy": accuracy(r["answers"], items),
+                "agreement_with_unpruned": agreement(r["answers"], base["answers"]),
+                "kv_bytes": d["kv_bytes"], "kv_saving": 1 - d["kv_bytes"] / full["kv_bytes"],
+                "decode_tok_s": d["decode_tok_s"], "decode_speedup": d["decode_tok_s"] / full["decode_tok_s"]})
+            save()
 
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    md = render(report)
-    args.results.with_suffix(".md").write_text(md)
-    print(md)
+    if args.with_executorch:
+        report["side_by_side"] = side_by_side(model_dir, args.work, items[:args.timing_items], args.threads, base)
+    save()
+    print(render(report))
     return 0
 
 
 def render(r: dict[str, Any]) -> str:
-    f = r["fidelity"]
+    ck = r.get("checkpoint") or {}
+    state = "" if not ck else f" (training step {ck.get('step')}, {'complete' if ck.get('complete') else 'INCOMPLETE'})"
     lines = [
         "# llama.cpp: fidelity, quantization, input-level pruning, exit (issue 7)", "",
-        f"Model `{r['model']}`{' (untrained stand-in)' if r['stand_in'] else ''}; {r['n']} test items; "
-        f"{r['threads']} CPU threads; greedy, {MAX_NEW} new tokens; created {r['created']}.", "",
-        f"transformers accuracy: {r['transformers_accuracy']:.3f}", "",
-        "| path | quant | same answer as transformers | accuracy | TTFT ms (median) | artifact MB |",
-        "|---|---|---|---|---|---|",
-        f"| stock llama.cpp (libmtmd eval_chunks) | f16 | {f['stock_f16']['agreement_with_transformers']:.3f} | "
-        f"{f['stock_f16']['accuracy']:.3f} | | {r['artifact_mb']['f16']} |",
+        f"Model `{r['model']}`{' (untrained stand-in)' if r['stand_in'] else ''}{state}; {r['n']} test items; "
+        f"{r['threads']} CPU threads; greedy, {MAX_NEW} new tokens; created {r['created']}. Generated by "
+        "`benchmarks/llamacpp_accuracy.py`.", "",
+        f"transformers accuracy: {r['transformers_accuracy']:.3f}; llama.cpp unpruned f16 TTFT "
+        f"{r['base']['ttft_ms']:.1f} ms (vision {r['base']['vision_ms']:.1f} ms, prefill {r['base']['prefill_ms']:.1f} ms).",
     ]
-    for q in QUANTS:
-        lines.append(f"| edge-prune runtime, unpruned | {q} | {f[q]['agreement_with_transformers']:.3f} | "
-                     f"{f[q]['accuracy']:.3f} | {f[q]['ttft_ms']:.1f} | {r['artifact_mb'][q]} |")
-    lines += ["", "transformers reading the language-model GGUF back (`gguf_file=`), 40 prompts:", "",
-              "| quant | max rel. logit diff | median | argmax agreement |", "|---|---|---|---|"]
-    for q, g in r["gguf_readback"].items():
-        lines.append(f"| {q} | {g['max_rel_logit_diff']:.4f} | {g['median_rel_logit_diff']:.4f} | "
-                     f"{g['argmax_agreement']:.4f} |")
-    p = r["pruning"]
-    lines += ["", f"Input-level pruning (f16; unpruned TTFT {p['base']['ttft_ms']:.1f} ms, of which vision "
-              f"{p['base']['vision_ms']:.1f} ms):", "",
-              "| scorer | keep | visual tokens in | accuracy | TTFT ms | TTFT speedup | prefill speedup |",
-              "|---|---|---|---|---|---|---|"]
-    for row in p["rows"]:
-        lines.append(f"| {row['scorer']} | {row['keep']:.2f} | {row['entered_decoder']:.0f} | {row['accuracy']:.3f} | "
-                     f"{row['ttft_ms']:.1f} | {row['ttft_speedup']:.2f}x | {row['prefill_speedup']:.2f}x |")
-    lines += ["", "Mid-network schedules mapped to one input-level count (KV-equal; pooled):", "",
-              "| recipe | engine accuracy (exact schedule) | llama.cpp accuracy (mapped) | input count | TTFT speedup |",
-              "|---|---|---|---|---|"]
-    for row in r["mapped_schedules"]:
-        lines.append(f"| {row['recipe']} | {row['engine_accuracy']:.3f} | {row['llamacpp_accuracy']:.3f} | "
-                     f"{row['input_count']:.0f} | {row['ttft_speedup']:.2f}x |")
-    e = r["exit"]
-    lines += ["", f"Decode-time exit (visual tokens removed from the KV cache after prefill; decode measured over 32 "
-              f"tokens; without exit: {e['full']['decode_tok_s']:.1f} tok/s, KV {e['full']['kv_bytes'] / 2**10:.0f} KiB):", "",
-              "| close position gap | accuracy | same answer as unpruned | KV KiB | KV saving | decode tok/s | speedup |",
-              "|---|---|---|---|---|---|---|"]
-    for row in e["rows"]:
-        lines.append(f"| {row['close_gap']} | {row['accuracy']:.3f} | {row['agreement_with_unpruned']:.3f} | "
-                     f"{row['kv_bytes'] / 2**10:.0f} | {row['kv_saving']:.1%} | {row['decode_tok_s']:.1f} | "
-                     f"{row['decode_speedup']:.2f}x |")
-    lines += ["", "Side-by-side TTFT against the ExecuTorch runtime: pending the ExecuTorch runtime.", ""]
+    f = r.get("fidelity")
+    if f:
+        lines += ["", "| path | quant | same answer as transformers | accuracy | TTFT ms (median) | artifact MB |",
+                  "|---|---|---|---|---|---|",
+                  f"| stock llama.cpp (libmtmd tokenize + helper_eval_chunks) | f16 | "
+                  f"{f['stock_f16']['agreement_with_transformers']:.3f} | {f['stock_f16']['accuracy']:.3f} | | "
+                  f"{r['artifact_mb']['f16']} |"]
+        for q in QUANTS:
+            lines.append(f"| edge-prune runtime, unpruned | {q} | {f[q]['agreement_with_transformers']:.3f} | "
+                         f"{f[q]['accuracy']:.3f} | {f[q]['ttft_ms']:.1f} | {r['artifact_mb'][q]} |")
+        lines += ["", "transformers reading the language-model GGUF back (`gguf_file=`), text-only logits on 40 prompts:",
+                  "", "| quant | max rel. logit diff | median | argmax agreement |", "|---|---|---|---|"]
+        for q, g in r["gguf_readback"].items():
+            lines.append(f"| {q} | {g['max_rel_logit_diff']:.4f} | {g['median_rel_logit_diff']:.4f} | "
+                         f"{g['argmax_agreement']:.4f} |")
+    if r.get("pruning"):
+        lines += ["", "Input-level pruning (f16):", "",
+                  "| scorer | keep | dropped | visual tokens in | accuracy | TTFT ms | TTFT speedup | prefill speedup |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in r["pruning"]:
+            lines.append(f"| {row['scorer']} | {row['keep']:.2f} | {1 - row['keep']:.0%} | {row['entered_decoder']:.0f} | "
+                         f"{row['accuracy']:.3f} | {row['ttft_ms']:.1f} | {row['ttft_speedup']:.2f}x | "
+                         f"{row['prefill_speedup']:.2f}x |")
+    if r.get("mapped_schedules"):
+        lines += ["", "Mid-network schedules mapped to one input-level count (KV-equal; pooled):", "",
+                  "| recipe | engine accuracy (exact schedule) | llama.cpp accuracy (mapped) | input count | TTFT speedup |",
+                  "|---|---|---|---|---|"]
+        for row in r["mapped_schedules"]:
+            lines.append(f"| {row['recipe']} | {row['engine_accuracy']:.3f} | {row['llamacpp_accuracy']:.3f} | "
+                         f"{row['input_count']:.0f} | {row['ttft_speedup']:.2f}x |")
+    e = r.get("exit")
+    if e and e["rows"]:
+        lines += ["", f"Decode-time exit (visual tokens removed from the KV cache after prefill; decode over 32 tokens, "
+                  f"40 items; without exit: {e['full']['decode_tok_s']:.1f} tok/s, KV {e['full']['kv_bytes'] / 2**10:.0f} KiB):",
+                  "", "| close position gap | accuracy | same answer as unpruned | KV KiB | KV saving | decode tok/s | speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in e["rows"]:
+            lines.append(f"| {row['close_gap']} | {row['accuracy']:.3f} | {row['agreement_with_unpruned']:.3f} | "
+                         f"{row['kv_bytes'] / 2**10:.0f} | {row['kv_saving']:.1%} | {row['decode_tok_s']:.1f} | "
+                         f"{row['decode_speedup']:.2f}x |")
+    sbs = r.get("side_by_side")
+    if sbs is None:
+        lines += ["", "Side-by-side TTFT against the ExecuTorch runtime: not run (pass --with-executorch).", ""]
+    else:
+        et = (f"{sbs['executorch_pruned_int8_ttft_ms']:.1f}" if "executorch_pruned_int8_ttft_ms" in sbs
+              else f"failed: {sbs.get('executorch_error', '?')}")
+        lines += ["", f"Side-by-side TTFT, same run, {sbs['items']} items, recipe {sbs['recipe']} (llama.cpp maps it "
+                  "to one input-level count, ExecuTorch runs it exactly):", "",
+                  "| llama.cpp unpruned (q8_0, keep 1.0) | edge-prune llama.cpp pruned (q8_0) | edge-prune ExecuTorch pruned (int8) |",
+                  "|---|---|---|",
+                  f"| {sbs['llamacpp_unpruned_q8_0_ttft_ms']:.1f} ms | {sbs['llamacpp_pruned_q8_0_ttft_ms']:.1f} ms | {et} |", ""]
     return "\n".join(lines)
 
 

@@ -153,12 +153,19 @@ def _f32(tensor: Any) -> np.ndarray:
     return tensor.detach().float().cpu().numpy()
 
 
-def _pair_id(model_dir: Path, recipe: Recipe) -> str:
-    """Identifies one conversion: hash of the checkpoint's weight files' sizes/names and the recipe."""
+def _pair_id(model_dir: Path, recipe: Recipe, sample: int = 1 << 20) -> str:
+    """Identifies the (checkpoint, recipe) a pair was converted from, so a runtime can tell an mmproj of
+    another checkpoint even when the shapes match. Hashes the config, the recipe, and each weight file's
+    size plus its first and last MiB (cheap at 7B, and enough to tell two trainings apart)."""
     digest = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        digest.update(f"{f.name}:{f.stat().st_size}".encode())
     digest.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(sample))
+            fh.seek(max(0, size - sample))
+            digest.update(fh.read(sample))
     return digest.hexdigest()[:16]
 
 

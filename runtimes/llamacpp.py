@@ -8,8 +8,12 @@ entries over all layers (see `plan_input_keep`); `result.kept` says when that ha
 decode-time exit removes the visual tokens from the KV cache after prefill (llama_memory_seq_rm,
 then llama_memory_seq_add closes the position gap).
 
-Imports only numpy, psutil, llama_cpp (with its jinja2 for chat templates) and edge-prune's
-torch-free recipe/manifest modules.
+Images are resized and centre-cropped as the checkpoint's CLIP processor does (with Pillow, when
+installed) before llama.cpp's encoder sees them, so its visual tokens match transformers' for any
+image size; without Pillow llama.cpp's own llava preprocessing (pad to square) applies.
+
+Imports only numpy, psutil, llama_cpp (with its jinja2 for chat templates), optionally Pillow, and
+edge-prune's torch-free recipe/manifest modules.
 """
 
 from __future__ import annotations
