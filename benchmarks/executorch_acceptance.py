@@ -223,8 +223,9 @@ def report(data: dict[str, Any], n: int) -> str:
                   "|---|---|---|---|---|---|"]
         for name, f in fid.items():
             a = f["accuracy"]
+            q4 = a.get("8da4w", float("nan"))
             lines.append(f"| {name} | {f['identical_to_engine']:.1%} | {a['engine']:.1%} | {a['none']:.1%} | "
-                         f"{a['8da4w']:.1%} | {100 * (a['8da4w'] - a['none']):+.1f} pt |")
+                         f"{q4:.1%} | {100 * (q4 - a['none']):+.1f} pt |")
         lines.append("")
     sp, mem = data.get("speed", {}), data.get("memory", {})
     if sp:
@@ -255,12 +256,14 @@ def report(data: dict[str, Any], n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global QUANTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ep-executorch"))
     ap.add_argument("--stages", default="convert,fidelity,speed,memory")
+    ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated subset of none,8da4w")
     ap.add_argument("--recipes", help="comma-separated subset, e.g. keep-all,fastv-60 (default: all found)")
     args = ap.parse_args(argv)
     import torch
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     named = recipes(args.model, args.work)
     if args.recipes:
         named = {k: v for k, v in named.items() if k in args.recipes.split(",")}
+    QUANTS = tuple(args.quants.split(","))
     arts = convert_all(args.model, named, args.work, state)
     stages = args.stages.split(",")
     if "fidelity" in stages:

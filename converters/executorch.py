@@ -527,9 +527,18 @@ def partitioners(options: ConvertOptions) -> list[Any]:
         # The text length is dynamic: take only ops whose Vulkan kernels can resize (as ExecuTorch's LLM export).
         return [VulkanPartitioner({"require_dynamic_shapes": True})]
     if options.backend == "coreml":
+        from executorch.backends.apple.coreml.compiler.coreml_preprocess import (
+            MULTIMETHOD_WEIGHT_SHARING_STRATEGY,
+            CoreMLBackend,
+        )
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
-        return [CoreMLPartitioner()]
+        # Our methods split into different partition counts, so Core ML's positional weight sharing
+        # across methods does not apply; each method's partitions are compiled on their own.
+        specs = CoreMLBackend.generate_compile_specs()
+        specs.append(CoreMLBackend.generate_multimethod_weight_sharing_strategy_compile_spec(
+            MULTIMETHOD_WEIGHT_SHARING_STRATEGY.DISABLED))
+        return [CoreMLPartitioner(compile_specs=specs)]
     return [qnn_partitioner(options.qnn_soc)]
 
 
