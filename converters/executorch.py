@@ -535,7 +535,10 @@ def partitioners(options: ConvertOptions) -> list[Any]:
 
         # Our methods split into different partition counts, so Core ML's positional weight sharing
         # across methods does not apply; each method's partitions are compiled on their own.
-        specs = CoreMLBackend.generate_compile_specs()
+        import coremltools as ct
+
+        # The KV cache is a mutable buffer, i.e. Core ML "state", which needs iOS 18 / macOS 15.
+        specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=ct.target.iOS18)
         specs.append(CoreMLBackend.generate_multimethod_weight_sharing_strategy_compile_spec(
             MULTIMETHOD_WEIGHT_SHARING_STRATEGY.DISABLED))
         return [CoreMLPartitioner(compile_specs=specs)]
