@@ -48,7 +48,14 @@ def test_8da4w_artifact_runs_and_stays_close_to_fp32(model_dir, recipe, tmp_path
     assert q.delegation.methods["prefill"].share > 0.3
 
 
-@pytest.mark.parametrize("backend, registry_name", [("vulkan", "VulkanBackend"), ("coreml", "CoreMLBackend")])
+COREML_KNOWN_FAILURE = pytest.mark.xfail(
+    strict=True, raises=IndexError,
+    reason="coremltools 9.0 (untested with torch 2.13) fails converting a linear layer of the exported decoder "
+           "('tuple index out of range' in its linear converter); open item of issue 6")
+
+
+@pytest.mark.parametrize("backend, registry_name", [
+    ("vulkan", "VulkanBackend"), pytest.param("coreml", "CoreMLBackend", marks=COREML_KNOWN_FAILURE)])
 def test_device_backends_lower_here_and_report_delegation(model_dir, recipe, tmp_path, backend,
                                                            registry_name):
     result = _convert(model_dir, recipe, tmp_path / backend, backend=backend)
