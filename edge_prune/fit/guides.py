@@ -288,7 +288,10 @@ class GuideFitter:
         guides.to(self.adapter.device)
         for p in self.adapter.model.parameters():
             p.requires_grad_(False)
-        optim = torch.optim.Adam(guides.parameters(), lr=cfg.lr)
+        # Top-k and the soft mask are shift-invariant, so the output bias has no gradient: keep it at 0
+        # (Adam would otherwise turn rounding noise into full-size steps that differ between ranks).
+        guides.b_out.requires_grad_(False)
+        optim = torch.optim.Adam([p for p in guides.parameters() if p.requires_grad], lr=cfg.lr)
         ckpt = checkpoint_path(self.work_dir, "guides") if self.work_dir is not None else None
         step = 0
         history: list[dict[str, float]] = []
@@ -321,7 +324,7 @@ class GuideFitter:
             sum_gradients(guides, dist)
             if dist.world_size > 1:
                 torch.distributed.all_reduce(local)
-            torch.nn.utils.clip_grad_norm_(guides.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for p in guides.parameters() if p.requires_grad], 1.0)
             optim.step()
             step += 1
             history.append({"step": float(step), "loss": float(local)})

@@ -156,6 +156,8 @@ def sum_gradients(module: torch.nn.Module, dist: Dist) -> None:
     if dist.world_size <= 1:
         return
     for p in module.parameters():
+        if not p.requires_grad:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         torch_dist.all_reduce(p.grad)
