@@ -27,27 +27,10 @@ import torch.nn.functional as F
 from edge_prune.errors import InputError, RecipeError
 from edge_prune.models.adapter import ImageInput, LlavaAdapter, PreparedBatch
 from edge_prune.recipe import Recipe
+from edge_prune.runtimes.results import KeptTokens, Timings
 from edge_prune.scoring import SCORERS, ExitRouter, GuideSet, ScoreContext, pool_visual, select_visual
 
 ATTENTION_SCORERS = ("fastv", "fitprune")
-
-
-@dataclass
-class Timings:
-    vision_ms: float = 0.0
-    prefill_ms: float = 0.0  # decoder prefill (embedding merge + all layers + first logits)
-    ttft_ms: float = 0.0  # vision + prefill + choosing the first token
-    decode_tok_s: float = 0.0
-
-
-@dataclass
-class KeptTokens:
-    """Visual tokens of one request: how many entered the decoder and how many survived each layer."""
-
-    visual_tokens: int
-    entered_decoder: int
-    per_layer: list[int]
-    exit_layer: int | None = None
 
 
 @dataclass

@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_prune.errors import ArtifactError, InputError
 from edge_prune.runtimes.manifest import Manifest
+from edge_prune.runtimes.results import KeptTokens, Timings
 from edge_prune.runtimes.preprocess import PREPROCESS_FILE, ImageConfig, preprocess
 from edge_prune.runtimes.tokenizer import PromptTokenizer
 
@@ -140,24 +141,7 @@ class DelegationSummary:
         return out
 
 
-# ---- results (field names as edge_prune.engine's) --------------------------------------------------
-@dataclass
-class Timings:
-    vision_ms: float = 0.0
-    prefill_ms: float = 0.0  # token embedding + decoder prefill + first logits
-    ttft_ms: float = 0.0  # preprocessing + vision + prefill + choosing the first token
-    decode_tok_s: float = 0.0
-    preprocess_ms: float = 0.0  # image preprocessing + tokenization
-
-
-@dataclass
-class KeptTokens:
-    visual_tokens: int
-    entered_decoder: int
-    per_layer: list[int]
-    exit_layer: int | None = None
-
-
+# ---- results --------------------------------------------------
 @dataclass
 class GenerationResult:
     texts: list[str]
