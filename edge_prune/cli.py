@@ -163,13 +163,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from edge_prune.fit.calibration import load_calibration
     from edge_prune.fit.distributed import Dist
     from edge_prune.fit.fitprune import FitPruneFitter
+    from edge_prune.predict import QUANT_FORMATS
+    from edge_prune.recipe import Recipe
 
+    if args.quant not in QUANT_FORMATS:
+        raise InputError(f"unknown --quant {args.quant!r}; expected one of {', '.join(QUANT_FORMATS)}")
     if args.method in ("lvpruning", "dyvte"):
         from edge_prune.fit.commands import fit_learned
 
         return fit_learned(args)
-    if args.flops_reduction is None:
-        raise InputError("--method fitprune needs --flops-reduction (e.g. 0.6 for 60% fewer prefill FLOPs)")
+    if (args.flops_reduction is None) == (args.profile is None):
+        raise InputError("--method fitprune needs exactly one budget: --flops-reduction (e.g. 0.6 for 60% fewer "
+                         "prefill FLOPs) or --profile NAME with --ttft-ms and/or --peak-rss-mb")
+    if args.profile is None and (args.ttft_ms is not None or args.peak_rss_mb is not None):
+        raise InputError("--ttft-ms/--peak-rss-mb are device budgets: name the device with --profile")
     args.device = args.device or "cpu"
     dist = Dist.from_env(args.device)
     try:
@@ -177,7 +184,25 @@ def cmd_fit(args: argparse.Namespace) -> int:
         calibration = load_calibration(args.calib, args.n, warn=dist.rank == 0)
         fitter = FitPruneFitter(engine, calibration, args.flops_reduction, accounting=args.accounting,
                                 batch_size=args.batch_size, dist=dist, progress=not args.json)
+        device_budget = None
+        if args.profile is not None:
+            from edge_prune.predict import device_target
+
+            if args.accounting != "exact":
+                raise InputError("a device budget is met under exact FLOPs accounting; drop --accounting")
+            needed, device_budget = device_target(engine.adapter.shape, args.profile, args.ttft_ms, args.peak_rss_mb,
+                                                  quant=args.quant, text_tokens=fitter.text_tokens)
+            if needed <= 0.0:
+                if dist.rank == 0:
+                    recipe = Recipe.identity(engine.adapter.signature(), method="fitprune", device_budget=device_budget)
+                    recipe.save(args.output)
+                    print(f"wrote {args.output}: {args.profile} meets the budget unpruned "
+                          f"(predicted TTFT {device_budget['unpruned_prediction']['ttft_ms']:.0f} ms); keeps every token")
+                return 0
+            fitter.retarget(needed)
         result = fitter.fit()
+        if device_budget is not None:
+            result.recipe.provenance["device_budget"] = device_budget
         if dist.rank == 0:
             result.recipe.save(args.output)
             summary = {"recipe": str(args.output), "alpha": result.alpha,
@@ -318,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("fitprune", "lvpruning", "dyvte"), default="fitprune")
     p.add_argument("--flops-reduction", type=float, help="fitprune: e.g. 0.6 for 60%% fewer prefill FLOPs")
     p.add_argument("--accounting", choices=("exact", "fastv", "fitprune"), default="exact")
+    p.add_argument("--profile", help="fitprune: fit the smallest reduction that meets this device's budget "
+                                     "(see `edge-prune profiles`), with --ttft-ms and/or --peak-rss-mb")
+    p.add_argument("--ttft-ms", type=float, help="with --profile: time-to-first-token budget")
+    p.add_argument("--peak-rss-mb", type=float, help="with --profile: peak memory budget")
+    p.add_argument("--quant", default="fp16", help="with --profile: the artifact's weights (fp16, 8da4w, q4_0, ...)")
     p.add_argument("--calib", required=True,
                    help="JSONL of {image, prompt[, answer]} records, or 'bench:calib' / 'bench:train'")
     p.add_argument("--n", type=int, default=64, help="calibration samples")

@@ -173,3 +173,24 @@ def required_reduction(shape: ModelShape, profile: DeviceProfile, ttft_ms: float
                 "activations); choose a smaller quantization or a device with more memory")
         needed = max(needed, min(0.99, excess / prunable))  # a conservative share of FLOPs saved
     return needed
+
+
+def device_target(shape: ModelShape, profile_name: str, ttft_ms: float | None = None,
+                  peak_rss_mb: float | None = None, quant: str = "fp16", text_tokens: int = 64) -> tuple[float, dict]:
+    """`fit --profile`: the reduction to fit for, and the provenance that records the device budget.
+
+    `host` is calibrated on this machine first. The reduction is 0 when the unpruned model
+    already meets the budget (the caller then writes a keep-everything recipe).
+    """
+    from edge_prune.devices import load_profile
+
+    profile = load_profile(profile_name)
+    if profile.calibrate:
+        profile = calibrate_host(profile, shape, text_tokens)
+    needed = required_reduction(shape, profile, ttft_ms, peak_rss_mb, quant=quant, text_tokens=text_tokens)
+    full = predict(shape, None, profile, quant=quant, text_tokens=text_tokens)
+    provenance = {"profile": profile.name, "quant": quant, "text_tokens": text_tokens,
+                  "budget": {k: v for k, v in (("ttft_ms", ttft_ms), ("peak_rss_mb", peak_rss_mb)) if v is not None},
+                  "unpruned_prediction": {"ttft_ms": full.ttft_ms, "peak_rss_mb": full.memory_mb["total"]},
+                  "required_flops_reduction": needed}
+    return needed, provenance

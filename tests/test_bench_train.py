@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -75,3 +76,41 @@ def test_default_model_meets_the_design_limits() -> None:
     assert sum(p.numel() for p in model.parameters()) * 2 < 25e6  # fp16 bytes
     assert prefill_flops(model, 600).vision_share <= 0.15
     assert SMOKE["steps"] < cfg.steps
+
+
+def test_look_guide_loss_is_the_attention_mass_on_the_named_objects() -> None:
+    """The guidance loss computed from q/k equals -log(mass) read off transformers' eager attention."""
+    from edge_prune.bench.train import LookGuide
+
+    cfg = TrainConfig(**SMOKE)
+    tok = build_tokenizer(cfg.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg, tok)
+    model.config.text_config._attn_implementation = "eager"
+    guide = LookGuide(model, [1], head=1)
+    batch = make_batch(tok, "train", [0, 1], turns_per_family=3, n_visual=576)
+    look = batch.pop("look_targets")
+    batch.pop("patch_targets")
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        loss = guide.loss(batch["input_ids"], model.config.image_token_id, look)
+    is_image = batch["input_ids"] == model.config.image_token_id
+    expected = []
+    for row, query, patches in zip(look["row"], look["query"], look["patches"]):
+        weights = out.attentions[1][row, 1, query]
+        image_positions = is_image[row].nonzero().squeeze(1)
+        expected.append(-torch.log(weights[image_positions[patches]].sum()))
+    assert len(expected) >= 6
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_patch_targets_mark_each_object_and_its_centre() -> None:
+    from edge_prune.bench.generator import SHAPES, make_scene, patch_targets
+
+    scene = make_scene("train", 3)
+    t = patch_targets(scene, 8)
+    assert t.colour.shape == (24, 24) and int(t.centre.sum()) == len(scene.objects)
+    for k, o in enumerate(scene.objects):
+        mine = t.owner == k + 1
+        assert mine.any() and (t.shape[mine] == SHAPES.index(o.shape) + 1).all()
+        assert t.owner[o.cy // 8, o.cx // 8] == k + 1  # an object covers the patch of its centre

@@ -122,3 +122,49 @@ def test_two_ranks_give_the_same_recipe_as_one(tiny_llava_dir, calib_jsonl, tmp_
     a, b = Recipe.load(one), Recipe.load(two)
     assert b.provenance["world_size"] == 2
     assert a.prune.keep_after == b.prune.keep_after and a.provenance["alpha"] == b.provenance["alpha"]
+
+
+def test_fit_for_a_device_budget_picks_the_smallest_reduction(tiny_llava_dir, calib_jsonl, tmp_path):
+    from edge_prune.devices import load_profile
+    from edge_prune.predict import predict
+
+    shape, profile = load_shape(tiny_llava_dir), load_profile("pixel-8")
+    text = FitPruneFitter(PrunedEngine.load(tiny_llava_dir), load_calibration(str(calib_jsonl), N_CALIB), None,
+                          batch_size=4, progress=False).text_tokens
+    full = predict(shape, None, profile, quant="q4_0", text_tokens=text).ttft_ms
+    common = ["fit", str(tiny_llava_dir), "--profile", "pixel-8", "--quant", "q4_0", "--calib", str(calib_jsonl),
+              "--n", str(N_CALIB), "--batch-size", "4", "--json"]
+
+    out = tmp_path / "tight.json"
+    assert main([*common, "--ttft-ms", str(0.7 * full), "-o", str(out)]) == 0
+    recipe = Recipe.load(out)
+    budget = recipe.provenance["device_budget"]
+    assert budget["profile"] == "pixel-8" and budget["budget"] == {"ttft_ms": pytest.approx(0.7 * full)}
+    assert budget["required_flops_reduction"] == pytest.approx(0.3, abs=1e-9)
+    assert predict(shape, recipe, profile, quant="q4_0", text_tokens=text).ttft_ms <= 0.7 * full
+    # the smallest reduction that meets it: the same fit under the plain FLOPs budget gives the same recipe
+    plain = tmp_path / "plain.json"
+    assert main(["fit", str(tiny_llava_dir), "--flops-reduction", str(budget["required_flops_reduction"]),
+                 "--calib", str(calib_jsonl), "--n", str(N_CALIB), "--batch-size", "4", "-o", str(plain), "--json"]) == 0
+    assert Recipe.load(plain).prune.keep_after == recipe.prune.keep_after
+
+    loose = tmp_path / "loose.json"
+    assert main([*common, "--ttft-ms", str(2 * full), "-o", str(loose)]) == 0
+    assert Recipe.load(loose).is_identity
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "pixel-8"], "ttft-ms"),
+    (["--ttft-ms", "100"], "exactly one budget"),
+    (["--flops-reduction", "0.5", "--profile", "pixel-8", "--ttft-ms", "100"], "exactly one budget"),
+    (["--flops-reduction", "0.5", "--ttft-ms", "100"], "--profile"),
+    (["--profile", "pixel-8", "--ttft-ms", "0"], "budgets must be numbers > 0"),
+    (["--profile", "no-such-phone", "--ttft-ms", "100"], "known profiles: .*pixel-8"),
+    (["--profile", "pixel-8", "--ttft-ms", "100", "--quant", "q3"], "unknown --quant"),
+])
+def test_device_budget_errors(tiny_llava_dir, calib_jsonl, tmp_path, capsys, args, message):
+    import re
+
+    out = tmp_path / "r.json"
+    assert main(["fit", str(tiny_llava_dir), "--calib", str(calib_jsonl), "--n", "2", "-o", str(out), *args]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()

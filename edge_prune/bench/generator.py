@@ -96,6 +96,7 @@ class QA:
     question: str
     answer: str
     family: str
+    objects: tuple[int, ...] = field(default=(), compare=False)  # indices into scene.objects it is about
 
 
 @dataclass
@@ -133,14 +134,19 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def make_scene(split: str, index: int, attempt: int = 0) -> Scene:
-    """The scene for (split, index); `attempt` gives an alternative when a family cannot be asked."""
+def make_scene(split: str, index: int, attempt: int = 0, max_objects: int = MAX_OBJECTS) -> Scene:
+    """The scene for (split, index); `attempt` gives an alternative when a family cannot be asked.
+
+    `max_objects` below MAX_OBJECTS draws simpler scenes (training's curriculum only).
+    """
     _check_split(split)
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
     seed = _seed("edge-prune-toyvqa", split, index, attempt)
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    n = int(rng.integers(1, max_objects + 1))
     cells = rng.choice(GRID * GRID, size=n, replace=False)
     combos = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)
     colour_names = list(COLOURS)
@@ -190,29 +196,87 @@ def _draw_digit(draw: ImageDraw.ImageDraw, digit: str, cx: int, cy: int, fill: t
         draw.rectangle(boxes[seg], fill=fill)
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, o: SceneObject, fill) -> None:
+    r = SIZES[o.size] // 2
+    cx, cy = o.cx, o.cy
+    if o.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif o.shape == "square":
+        q = int(r * 0.9)
+        draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(cx, cy - r - 2), (cx - r - 2, cy + r), (cx + r + 2, cy + r)], fill=fill)
+    else:  # cross
+        a = max(3, int(r * 0.42))
+        draw.rectangle((cx - r, cy - a, cx + r, cy + a), fill=fill)
+        draw.rectangle((cx - a, cy - r, cx + a, cy + r), fill=fill)
+
+
+def _digit_centre(o: SceneObject) -> tuple[int, int]:
+    dy = 4 if o.shape == "triangle" else 0  # a triangle's widest part is low
+    return o.cx, o.cy + dy
+
+
 def _render(scene: Scene) -> Image.Image:
     img = Image.fromarray(_texture(scene))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        r = SIZES[o.size] // 2
-        fill = COLOURS[o.colour]
-        cx, cy = o.cx, o.cy
-        if o.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif o.shape == "square":
-            q = int(r * 0.9)
-            draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(cx, cy - r - 2), (cx - r - 2, cy + r), (cx + r + 2, cy + r)], fill=fill)
-        else:  # cross
-            a = max(3, int(r * 0.42))
-            draw.rectangle((cx - r, cy - a, cx + r, cy + a), fill=fill)
-            draw.rectangle((cx - a, cy - r, cx + a, cy + r), fill=fill)
+        _draw_shape(draw, o, COLOURS[o.colour])
         if o.digit is not None:
             ink = (255, 255, 255) if o.colour in _DARK_COLOURS else (0, 0, 0)
-            dy = 4 if o.shape == "triangle" else 0  # a triangle's widest part is low
-            _draw_digit(draw, o.digit, cx, cy + dy, ink)
+            _draw_digit(draw, o.digit, *_digit_centre(o), ink)
     return img
+
+
+@dataclass(frozen=True)
+class PatchTargets:
+    """What each patch of a scene shows, on the (IMAGE_SIZE/patch)^2 grid; 0 means background/none.
+
+    Used only as auxiliary supervision while training the benchmark model, so its visual
+    tokens become informative early (a from-scratch tower otherwise leaves the decoder
+    stuck on answer priors); the published model is a plain LLaVA.
+    """
+
+    colour: np.ndarray  # 1 + index into COLOURS
+    shape: np.ndarray  # 1 + index into SHAPES
+    digit: np.ndarray  # 1 + digit drawn over the patch
+    centre: np.ndarray  # 1 where an object's centre falls
+    cell: np.ndarray  # which GRID x GRID layout cell the patch lies in (0..GRID^2-1)
+    owner: np.ndarray  # 1 + index into scene.objects of the object covering the patch
+
+
+def patch_targets(scene: Scene, patch_size: int) -> PatchTargets:
+    """Per-patch labels: the object covering most of a patch (>= 1/4 of it), its digit, its centre."""
+    if IMAGE_SIZE % patch_size:
+        raise ValueError(f"patch_size must divide the image size {IMAGE_SIZE}, got {patch_size}")
+    g = IMAGE_SIZE // patch_size
+    owner_img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    ink = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    for k, o in enumerate(scene.objects):
+        _draw_shape(ImageDraw.Draw(owner_img), o, k + 1)
+        if o.digit is not None:
+            _draw_digit(ImageDraw.Draw(ink), o.digit, *_digit_centre(o), 1)
+    blocks = np.asarray(owner_img).reshape(g, patch_size, g, patch_size).transpose(0, 2, 1, 3).reshape(g, g, -1)
+    cover = np.stack([(blocks == k + 1).mean(-1) for k in range(len(scene.objects))], -1)
+    best = cover.argmax(-1)
+    has = cover.max(-1) >= 0.25
+    inked = np.asarray(ink).reshape(g, patch_size, g, patch_size).sum((1, 3)) >= patch_size
+    colour_ids = {c: i + 1 for i, c in enumerate(COLOURS)}
+    colour = np.zeros((g, g), np.int64)
+    shape = np.zeros((g, g), np.int64)
+    digit = np.zeros((g, g), np.int64)
+    centre = np.zeros((g, g), np.int64)
+    owner = np.where(has, best + 1, 0).astype(np.int64)
+    for k, o in enumerate(scene.objects):
+        mine = has & (best == k)
+        colour[mine] = colour_ids[o.colour]
+        shape[mine] = SHAPES.index(o.shape) + 1
+        if o.digit is not None:
+            digit[mine & inked] = int(o.digit) + 1
+        centre[min(o.cy // patch_size, g - 1), min(o.cx // patch_size, g - 1)] = 1
+    rows = np.arange(g) * patch_size // CELL
+    cell = rows[:, None] * GRID + rows[None, :]
+    return PatchTargets(colour, shape, digit, centre, cell, owner)
 
 
 def _questions(scene: Scene, family: str, rng: np.random.Generator) -> QA | None:
@@ -224,20 +288,21 @@ def _questions(scene: Scene, family: str, rng: np.random.Generator) -> QA | None
         if not unique:
             return None
         o = unique[int(rng.integers(len(unique)))]
-        return QA(f"What colour is the {o.shape}?", o.colour, family)
+        return QA(f"What colour is the {o.shape}?", o.colour, family, (objs.index(o),))
     if family == "shape":
         unique = [o for o in objs if sum(p.colour == o.colour for p in objs) == 1]
         if not unique:
             return None
         o = unique[int(rng.integers(len(unique)))]
-        return QA(f"What shape is the {o.colour} object?", o.shape, family)
+        return QA(f"What shape is the {o.colour} object?", o.shape, family, (objs.index(o),))
     if family == "count":
-        return QA("How many objects are there?", NUMBER_WORDS[len(objs)], family)
+        return QA("How many objects are there?", NUMBER_WORDS[len(objs)], family, tuple(range(len(objs))))
     if family == "exists":
         present = {(o.colour, o.shape) for o in objs}
         if rng.random() < 0.5:
             c, s = sorted(present)[int(rng.integers(len(present)))]
-            return QA(f"Is there a {c} {s}?", "yes", family)
+            return QA(f"Is there a {c} {s}?", "yes", family,
+                      tuple(i for i, o in enumerate(objs) if (o.colour, o.shape) == (c, s)))
         absent = [(c, s) for c in colours for s in SHAPES if (c, s) not in present]
         # POPE-style adversarial negatives: prefer absent pairs whose colour or shape is in the scene.
         near = [(c, s) for c, s in absent if any(o.colour == c or o.shape == s for o in objs)]
@@ -262,21 +327,21 @@ def _questions(scene: Scene, family: str, rng: np.random.Generator) -> QA | None
         if not pairs:
             return None
         a, b = pairs[int(rng.integers(len(pairs)))]
-        return QA(f"Where is the {a.name} relative to the {b.name}?", rel, family)
+        return QA(f"Where is the {a.name} relative to the {b.name}?", rel, family, (objs.index(a), objs.index(b)))
     if family == "position":
         quad = QUADRANTS[int(rng.integers(4))]
         cands = [o for o in objs if o.quadrant == quad]
         if not cands:
             return None
         o = cands[int(rng.integers(len(cands)))]
-        return QA(f"In which quadrant is the {o.name}?", quad, family)
+        return QA(f"In which quadrant is the {o.name}?", quad, family, (objs.index(o),))
     if family == "detail":
         digit = DIGITS[int(rng.integers(10))]
         cands = [o for o in objs if o.digit == digit]
         if not cands:
             return None
         o = cands[int(rng.integers(len(cands)))]
-        return QA(f"Which digit is on the {o.name}?", digit, family)
+        return QA(f"Which digit is on the {o.name}?", digit, family, (objs.index(o),))
     raise ValueError(f"unknown question family {family!r}; valid families are {', '.join(FAMILIES)}")
 
 
@@ -307,14 +372,15 @@ def iter_items(split: str, n: int, families: Sequence[str] | None = None, start:
         yield make_item(split, i, fams[i % len(fams)])
 
 
-def make_conversation(split: str, index: int, turns_per_family: int = 2) -> tuple[Image.Image, list[QA]]:
+def make_conversation(split: str, index: int, turns_per_family: int = 2,
+                      max_objects: int = MAX_OBJECTS) -> tuple[Image.Image, list[QA]]:
     """One image with many Q/A turns (for training): amortises the 576 visual tokens over many answers.
 
     Uses scene `index` of the split; families the scene cannot support are skipped, and
     repeated questions are dropped so no turn can be answered by copying an earlier one.
     """
     _check_split(split)
-    scene = make_scene(split, index)
+    scene = make_scene(split, index, max_objects=max_objects)
     rng = np.random.default_rng(_seed("conv", scene.seed))
     qas: list[QA] = []
     seen: set[str] = set()

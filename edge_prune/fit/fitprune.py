@@ -57,14 +57,14 @@ def prefix_to_drop(mass: torch.Tensor, reference: float, alpha: float) -> torch.
 class FitPruneFitter:
     """Holds the calibration batch's embeddings and reference masses; `fit` searches alpha."""
 
-    def __init__(self, engine: PrunedEngine, calibration: CalibrationSet, flops_reduction: float,
+    def __init__(self, engine: PrunedEngine, calibration: CalibrationSet, flops_reduction: float | None,
                  accounting: str = "exact", batch_size: int = 8, dist: Dist | None = None, progress: bool = True):
-        if not 0.0 < flops_reduction < 1.0:
-            raise RecipeError(f"--flops-reduction is {flops_reduction}; expected a fraction in (0, 1), e.g. 0.6")
+        """`flops_reduction` may be None and set with `retarget` once `text_tokens` is known (device budgets)."""
+        if flops_reduction is not None:
+            self.retarget(flops_reduction)
         self.engine = engine
         self.adapter = engine.adapter
         self.calibration = calibration
-        self.target = flops_reduction
         self.accounting = accounting
         self.dist = dist or Dist.single()
         self.progress = progress and self.dist.rank == 0
@@ -91,6 +91,11 @@ class FitPruneFitter:
         if any(bool((n == 0).any()) for n in self._n_visual):
             raise RecipeError("a calibration prompt carries no image; FitPrune needs an image in every sample")
         self.reference = self._reference_mass()
+
+    def retarget(self, flops_reduction: float) -> None:
+        if not 0.0 < flops_reduction < 1.0:
+            raise RecipeError(f"--flops-reduction is {flops_reduction}; expected a fraction in (0, 1), e.g. 0.6")
+        self.target = flops_reduction
 
     # ---- statistics ---------------------------------------------------------------------------
     def _layer_components(self, layer_idx: int, ws: WorkingSet):
