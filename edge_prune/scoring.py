@@ -47,11 +47,12 @@ def attention_rows(ctx: ScoreContext, rows: torch.Tensor) -> torch.Tensor:
     k = ctx.key
     if k.shape[1] != h:  # grouped-query attention: each kv head serves h / kvh query heads
         k = k.repeat_interleave(h // k.shape[1], dim=1)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * ctx.scaling
+    # In place where possible: a chunk's [B, H, c, T] logits are the largest tensors scoring makes.
+    logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(ctx.scaling)
     key_pos = torch.arange(t, device=q.device)
     allowed = (key_pos[None, None, :] <= rows[:, :, None]) & ctx.valid[:, None, :]  # causal + padding
-    logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
-    return torch.softmax(logits.float(), dim=-1)
+    logits.masked_fill_(~allowed[:, None], torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1)
 
 
 def fastv_scores(ctx: ScoreContext) -> torch.Tensor:

@@ -27,7 +27,10 @@ def test_smoke_training_saves_a_loadable_llava(tmp_path: Path) -> None:
     run = json.loads((out / "training_run.json").read_text())
     assert run["seed"] == TrainConfig.seed and run["complete"] and run["wall_s"] > 0
     assert (out / "training_log.txt").read_text().count("step") >= 2
-    assert any(json.loads(line)["event"] == "eval" for line in (out / "training_log.jsonl").open())
+    records = [json.loads(line) for line in (out / "training_log.jsonl").open()]
+    assert any(r["event"] == "eval" for r in records)
+    # the answer loss is also logged per question family, so a run shows which families it has learnt
+    assert any(set(r.get("family_answer_loss", {})) >= {"count"} for r in records if r["event"] == "step")
 
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.dtype == torch.float16

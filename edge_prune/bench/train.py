@@ -186,7 +186,7 @@ def make_batch(
     max_objects: int = MAX_OBJECTS,
 ) -> dict[str, torch.Tensor]:
     """Padded batch of conversations; labels are -100 everywhere except answer tokens and </s>."""
-    images, ids, labels, targets, looks = [], [], [], [], []
+    images, ids, labels, targets, looks, turns = [], [], [], [], [], []
     patch = IMAGE_SIZE // math.isqrt(n_visual)
     for r, index in enumerate(indices):
         image, qas = make_conversation(split, index, turns_per_family, max_objects)
@@ -202,6 +202,7 @@ def make_batch(
                     lab[k] = enc["input_ids"][k]
                     first.setdefault(j, k)
         owner = target.owner.reshape(-1)
+        turns += [(r, first[j] - 1, FAMILIES.index(qa.family)) for j, qa in enumerate(qas) if j in first]
         for j, qa in enumerate(qas):
             where = np.isin(owner, [o + 1 for o in qa.objects])
             if qa.objects and where.any() and j in first:
@@ -224,7 +225,8 @@ def make_batch(
             "query": torch.tensor([x[1] for x in looks], dtype=torch.long),
             "patches": torch.stack([x[2] for x in looks]) if looks else torch.zeros((0, n_visual), dtype=torch.bool)}
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values(images),
-            "patch_targets": probe, "look_targets": look}
+            "patch_targets": probe, "look_targets": look,
+            "answer_turns": torch.tensor(turns, dtype=torch.long).reshape(-1, 3)}  # (row, predicting pos, family)
 
 
 class LookGuide:
@@ -499,6 +501,7 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     tuner = _ThreadTuner(threads)
     bar = tqdm(range(cfg.steps), desc="train", mininterval=10)
     ema = None
+    fam_ema: dict[int, float] = {}
     step = 0
     for step in bar:
         progress = _progress(step, time.time() - t0, cfg)
@@ -510,9 +513,17 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         batch = make_batch(tokenizer, "train", indices, cfg.turns_per_family, n_visual, max_objects)
         targets = batch.pop("patch_targets")
         look = batch.pop("look_targets")
+        turns = batch.pop("answer_turns")
         n_threads = tuner.threads_for(step)
         t_step = time.time()
-        answer_loss = model(**batch).loss
+        out_step = model(**batch)
+        answer_loss = out_step.loss
+        with torch.no_grad():  # answer-word loss per family: which families the model has started to read
+            rows, pos, fam = turns.unbind(1)
+            word = -out_step.logits[rows, pos].float().log_softmax(-1).gather(1, batch["labels"][rows, pos + 1, None])[:, 0]
+            for f in fam.unique().tolist():
+                v = float(word[fam == f].mean())
+                fam_ema[f] = v if f not in fam_ema else 0.9 * fam_ema[f] + 0.1 * v
         aux = probe.loss(captured.pop("features"), targets) if cfg.aux_weight > 0 else answer_loss.new_zeros(())
         looked = guide.loss(batch["input_ids"], model.config.image_token_id, look) if guide else answer_loss.new_zeros(())
         loss = answer_loss + cfg.aux_weight * aux + cfg.look_weight * looked
@@ -527,9 +538,11 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         now = time.time()
         if step % 10 == 0 or step == cfg.steps - 1:
             log({"event": "step", "step": step, "loss": lv, "loss_ema": ema, "probe_loss": float(aux), "look_loss": float(looked), "lr": lr,
-                 "progress": progress, "grad_norm": gnorm, "elapsed_s": now - t0, "threads": n_threads, "max_objects": max_objects},
+                 "progress": progress, "grad_norm": gnorm, "elapsed_s": now - t0, "threads": n_threads, "max_objects": max_objects,
+                 "family_answer_loss": {FAMILIES[f]: v for f, v in sorted(fam_ema.items())}},
                 f"step {step:5d} loss {lv:.4f} ema {ema:.4f} probe {float(aux):.3f} look {float(looked):.3f} lr {lr:.2e} prog {progress:.3f} gnorm {gnorm:.2f} "
-                f"t {now - t0:.0f}s ({(now - t0) / (step + 1):.2f}s/step, {n_threads} thr)")
+                f"t {now - t0:.0f}s ({(now - t0) / (step + 1):.2f}s/step, {n_threads} thr)\n    answer loss by family: "
+                + " ".join(f"{FAMILIES[f]} {v:.2f}" for f, v in sorted(fam_ema.items())))
         out_of_time = _progress(step, now - t0, cfg) >= 1.0 and step + 1 < cfg.steps
         if now - last_eval > cfg.eval_every_s:
             _log_eval(log, model, cfg, step, now - t0)
