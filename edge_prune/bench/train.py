@@ -65,6 +65,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     turns_per_family: int = 5
     curriculum: float = 0.0  # share of training over which scenes grow from 1 to MAX_OBJECTS objects; 0 = off
+    # adaptive curriculum instead (0 = off): one more object per scene once the colour and shape
+    # answer losses are below this, the model having learnt to read the scenes it has seen so far
+    curriculum_loss: float = 0.0
+    curriculum_min_steps: int = 40  # at least this many steps at each scene size
     rope_theta: float = 10000.0
     look_weight: float = 0.5  # attention guidance at answer tokens (see LookGuide); 0 = off
     look_layers: str = "2,5"
@@ -502,6 +506,7 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     bar = tqdm(range(cfg.steps), desc="train", mininterval=10)
     ema = None
     fam_ema: dict[int, float] = {}
+    level, level_since = 1, 0  # adaptive curriculum: current max objects per scene, and since when
     step = 0
     for step in bar:
         progress = _progress(step, time.time() - t0, cfg)
@@ -509,7 +514,14 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         for g in opt.param_groups:
             g["lr"] = lr
         indices = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-        max_objects = _max_objects(progress, cfg)
+        if cfg.curriculum_loss > 0:
+            ready = all(fam_ema.get(FAMILIES.index(f), 1e9) < cfg.curriculum_loss for f in ("colour", "shape"))
+            if ready and step - level_since >= cfg.curriculum_min_steps and level < MAX_OBJECTS:
+                level, level_since = level + 1, step
+                fam_ema.clear()  # judge the new scene size on its own answers
+            max_objects = level
+        else:
+            max_objects = _max_objects(progress, cfg)
         batch = make_batch(tokenizer, "train", indices, cfg.turns_per_family, n_visual, max_objects)
         targets = batch.pop("patch_targets")
         look = batch.pop("look_targets")
