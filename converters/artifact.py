@@ -1,4 +1,4 @@
-"""Atomic artifact-directory writer shared by every converter (ExecuTorch today, GGUF next).
+"""Atomic artifact-directory writer shared by every converter (ExecuTorch and GGUF).
 
 Files are written into a hidden temp directory beside the target; `commit()` hashes every
 file into manifest.json and renames the directory into place, so an interrupted convert
@@ -29,16 +29,20 @@ class ArtifactWriter:
 
     def __init__(self, target: str | os.PathLike[str], overwrite: bool = False):
         self.target = Path(target)
-        if self.target.exists() and not overwrite:
-            raise ArtifactError(
-                f"{self.target} already exists; choose another -o directory or pass --overwrite"
-            )
-        if self.target.exists() and not (self.target / MANIFEST_FILE).is_file():
-            # Refuse to replace a directory that is not an artifact (a typo could wipe a checkpoint).
-            raise ArtifactError(
-                f"{self.target} exists and is not an edge-prune artifact (no {MANIFEST_FILE}); "
-                "choose an empty or new -o directory"
-            )
+        # An empty directory counts as new: users often `mkdir` the output first.
+        empty_dir = self.target.is_dir() and not any(self.target.iterdir())
+        if self.target.exists() and not empty_dir:
+            if not (self.target / MANIFEST_FILE).is_file():
+                # Checked first, so --overwrite is never suggested for what it would refuse to replace
+                # (a typo could otherwise wipe a checkpoint).
+                raise ArtifactError(
+                    f"{self.target} exists and is not an edge-prune artifact (no {MANIFEST_FILE}); "
+                    "choose an empty or new -o directory"
+                )
+            if not overwrite:
+                raise ArtifactError(
+                    f"{self.target} already exists; choose another -o directory or pass --overwrite"
+                )
         self.overwrite = overwrite
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.",

@@ -50,6 +50,7 @@ from edge_prune.runtimes.executorch import (
     exit_method_names,
     prefill_method_names,
 )
+from edge_prune.runtimes.manifest import CONFIG_FILE
 from edge_prune.runtimes.preprocess import PREPROCESS_FILE, ImageConfig
 from edge_prune.runtimes.tokenizer import CHAT_FILE, TOKENIZER_FILE, ChatFormat
 
@@ -682,7 +683,7 @@ def tool_versions() -> dict[str, str]:
 
 def convert(model_dir: str | Path, recipe: Recipe | str | Path | None, output: str | Path,
             options: ConvertOptions | None = None) -> ConvertResult:
-    """Checkpoint + recipe -> artifact directory (manifest, recipe, model.pte, tokenizer, preprocessing)."""
+    """Checkpoint + recipe -> artifact directory (manifest, recipe, config, model.pte, tokenizer, preprocessing)."""
     import time
 
     from tqdm import tqdm
@@ -706,6 +707,8 @@ def convert(model_dir: str | Path, recipe: Recipe | str | Path | None, output: s
         art.write_json(PREPROCESS_FILE, image_config(adapter).to_dict())
         art.write_json(CHAT_FILE, chat_format(adapter).to_dict())
         adapter.processor.tokenizer.backend_tokenizer.save(str(art.path(TOKENIZER_FILE)))
+        # The checkpoint's config lets `edge-prune profile ARTIFACT` predict, not only measure.
+        art.copy_file(CONFIG_FILE, Path(model_dir) / CONFIG_FILE)
         steps.update()
         unquantized = quantize_language_model(adapter, options.quant, options.group_size)
         steps.update()

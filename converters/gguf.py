@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,11 +25,12 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from edge_prune.converters.artifact import ArtifactWriter
 from edge_prune.errors import ArtifactError, ModelError
 from edge_prune.models.shapes import ModelShape, load_shape
 from edge_prune.recipe import Recipe
 from edge_prune.runtimes import llamacpp_keys as K
-from edge_prune.runtimes.manifest import MANIFEST_FILE, Manifest, sha256_file
+from edge_prune.runtimes.manifest import CONFIG_FILE, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def convert_gguf(
     overwrite: bool = False,
     progress: bool = True,
 ) -> GGUFConversion:
-    """Write model.gguf + mmproj.gguf + recipe.json + manifest.json into `out_dir`, atomically.
+    """Write model.gguf + mmproj.gguf + recipe.json + config.json + manifest.json to `out_dir`, atomically.
 
     `keep_class_token=False` (default) writes the CLIP tower without its class embedding and
     with the patch rows of the position table: llama.cpp's llava graph currently places CLS after
@@ -84,8 +83,8 @@ def convert_gguf(
     vocab = read_bpe_vocab(model_dir / "tokenizer.json", tokenizer, shape.vocab_size)
     pair_id = _pair_id(model_dir, recipe)
 
-    with _atomic_artifact_dir(out_dir, overwrite) as tmp:
-        lm_path, mm_path = tmp / K.LM_FILE, tmp / K.MMPROJ_FILE
+    with ArtifactWriter(out_dir, overwrite=overwrite) as art:
+        lm_path, mm_path = art.path(K.LM_FILE), art.path(K.MMPROJ_FILE)
         lm_quant = "f16" if quant == "q4_k_m" else quant
         _write_language_model(lm_path, model, shape, vocab, tokenizer, processor, recipe, pair_id, lm_quant,
                               progress)
@@ -93,12 +92,13 @@ def convert_gguf(
             _llamacpp_quantize(lm_path, "q4_k_m")
         _write_mmproj(mm_path, model, shape, processor, pair_id, keep_class_token, progress,
                       modules=recipe_module_tensors(recipe))
-        recipe.save(tmp / K.RECIPE_FILE)
+        recipe.save(art.path(K.RECIPE_FILE))  # copies guide / router files beside it
+        # The checkpoint's config lets `edge-prune profile ARTIFACT` predict, not only measure.
+        art.copy_file(CONFIG_FILE, model_dir / CONFIG_FILE)
         types = {K.LM_FILE: _tensor_type_counts(lm_path), K.MMPROJ_FILE: _tensor_type_counts(mm_path)}
-        manifest = Manifest(
+        manifest = art.commit(
             backend=K.BACKEND,
             quant=quant,
-            files={name: sha256_file(tmp / name) for name in (K.LM_FILE, K.MMPROJ_FILE, K.RECIPE_FILE)},
             versions=_tool_versions(),
             extra={
                 "lm_file": K.LM_FILE,
@@ -111,7 +111,6 @@ def convert_gguf(
                 "source": str(model_dir),
             },
         )
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return GGUFConversion(out_dir=out_dir, manifest=manifest, tensor_types=types)
 
 
@@ -494,41 +493,6 @@ def _finish(writer: Any) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-# ---- artifact directory ---------------------------------------------------------------------------
-class _atomic_artifact_dir:
-    """Build the artifact in a sibling temp dir and rename it into place, so an interrupted convert
-    leaves either the old artifact or the new one, never half of one. (GGUF-local until the shared
-    converters/artifact.py lands.)"""
-
-    def __init__(self, out_dir: Path, overwrite: bool):
-        self.out_dir = out_dir
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        out = self.out_dir
-        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
-            raise ArtifactError(
-                f"{out} exists and is not an edge-prune artifact; choose a new or empty output directory"
-            )
-        if out.exists() and any(out.iterdir()) and not self.overwrite:
-            raise ArtifactError(f"{out} already exists; choose another -o directory or pass --overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            self.out_dir.rename(old)
-        self.tmp.rename(self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _tensor_type_counts(path: Path) -> dict[str, int]:

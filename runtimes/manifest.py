@@ -1,7 +1,8 @@
 """The artifact manifest: the one thing converters and runtimes share (no torch needed here).
 
 An artifact directory holds manifest.json (format, version, backend, quant, tool versions,
-sha256 of every file), recipe.json, the model files and the tokenizer.
+sha256 of every file), recipe.json, the source checkpoint's config.json, the model files and the
+tokenizer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 from edge_prune.errors import ArtifactError
 
 MANIFEST_FILE = "manifest.json"
+# The source checkpoint's config, copied in so `edge-prune profile ARTIFACT` can predict too.
+CONFIG_FILE = "config.json"
 ARTIFACT_FORMAT = "edge-prune-artifact"
 ARTIFACT_VERSION = 1
 

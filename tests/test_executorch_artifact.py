@@ -14,13 +14,14 @@ import pytest
 from PIL import Image
 
 from edge_prune.cli import main
+from edge_prune.converters.artifact import ArtifactWriter
 from edge_prune.converters.executorch import ConvertOptions, convert
 from edge_prune.engine import PrunedEngine
 from edge_prune.errors import ArtifactError, InputError
 from edge_prune.models.tiny import TinySpec, write_tiny_llava
 from edge_prune.recipe import PruneSpec, Recipe
 from edge_prune.runtimes import load, read_manifest
-from edge_prune.runtimes.manifest import MANIFEST_FILE, sha256_file
+from edge_prune.runtimes.manifest import CONFIG_FILE, MANIFEST_FILE, sha256_file
 from tests.conftest import PROMPTS
 
 SCHEDULE = [0.5, 0.25]
@@ -77,7 +78,7 @@ def test_text_only_prompt_is_not_pruned_and_matches(artifact, engine):
 def test_manifest_describes_the_program(artifact, recipe):
     manifest = read_manifest(artifact)
     assert manifest.backend == "xnnpack" and manifest.quant == "none"
-    files = {"model.pte", "recipe.json", "tokenizer.json", "chat_template.json", "preprocess.json"}
+    files = {"model.pte", "recipe.json", "tokenizer.json", "chat_template.json", "preprocess.json", CONFIG_FILE}
     assert files <= set(manifest.files)
     assert manifest.versions["executorch"] and manifest.versions["torch"]
     program = manifest.extra["program"]
@@ -166,3 +167,45 @@ def test_prompt_limits_are_checked(artifact):
 def test_convert_refuses_to_clobber(model_dir, recipe, artifact):
     with pytest.raises(ArtifactError, match="already exists"):
         convert(model_dir, recipe, artifact, ConvertOptions(progress=False))
+
+
+def test_artifact_carries_the_checkpoints_config(artifact, model_dir, recipe):
+    """config.json lets `edge-prune profile ARTIFACT` predict (this fixture's 8-token decode cap is below
+    what profile generates, so the llama.cpp tests run profile itself on a GGUF artifact)."""
+    from edge_prune.models.shapes import load_shape
+
+    assert CONFIG_FILE in read_manifest(artifact).files
+    assert (artifact / CONFIG_FILE).read_bytes() == (model_dir / CONFIG_FILE).read_bytes()
+    assert load_shape(artifact / CONFIG_FILE).signature() == recipe.model
+
+
+# ---- ArtifactWriter -------------------------------------------------------------------------
+def _write(target, overwrite=False, text="v1"):
+    with ArtifactWriter(target, overwrite=overwrite) as art:
+        art.write_text("model.bin", text)
+        return art.commit(backend="xnnpack", quant="none")
+
+
+def test_writer_takes_an_existing_empty_directory(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()  # users often create the -o directory first
+    assert set(_write(target).files) == {"model.bin"}
+    assert read_manifest(target).files["model.bin"] == sha256_file(target / "model.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old dirs left
+
+
+def test_writer_refuses_a_non_artifact_and_needs_overwrite_for_an_artifact(tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ArtifactError, match="not an edge-prune artifact"):
+            _write(busy, overwrite=overwrite)
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    art = tmp_path / "art"
+    _write(art)
+    with pytest.raises(ArtifactError, match="already exists.*--overwrite"):
+        _write(art, text="v2")
+    _write(art, overwrite=True, text="v2")
+    assert (art / "model.bin").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "busy"]

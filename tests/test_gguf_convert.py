@@ -18,6 +18,7 @@ from edge_prune.models.tiny import TinySpec, write_tiny_llava
 from edge_prune.recipe import PruneSpec, Recipe
 from edge_prune.runtimes import llamacpp_keys as K
 from edge_prune.runtimes import read_manifest
+from edge_prune.runtimes.manifest import CONFIG_FILE
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,11 @@ def _fields(path):
     return reader, {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 
 
-def test_artifact_layout_and_manifest(f16_artifact):
+def test_artifact_layout_and_manifest(f16_artifact, tiny_llava_dir):
     manifest = read_manifest(f16_artifact)  # verifies every checksum
     assert manifest.backend == "llamacpp" and manifest.quant == "f16"
-    assert set(manifest.files) == {K.LM_FILE, K.MMPROJ_FILE, K.RECIPE_FILE}
+    assert set(manifest.files) == {K.LM_FILE, K.MMPROJ_FILE, K.RECIPE_FILE, CONFIG_FILE}
+    assert (f16_artifact / CONFIG_FILE).read_bytes() == (tiny_llava_dir / CONFIG_FILE).read_bytes()
     assert manifest.versions["gguf"]
     assert not [p for p in f16_artifact.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
@@ -128,6 +130,7 @@ def test_bad_inputs_are_named(tiny_llava_dir, tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="not an edge-prune artifact"):
         conv.convert_gguf(tiny_llava_dir, tmp_path / "busy", progress=False)
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]  # left untouched
     qwen = write_tiny_llava(tmp_path / "qwen", TinySpec(text_model_type="qwen2"))
     with pytest.raises(ModelError, match="qwen2"):
         conv.convert_gguf(qwen, tmp_path / "q", progress=False)

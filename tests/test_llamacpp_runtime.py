@@ -24,8 +24,9 @@ from edge_prune.models.shapes import load_shape  # noqa: E402
 from edge_prune.models.tiny import TinySpec, write_tiny_llava  # noqa: E402
 from edge_prune.recipe import PruneSpec, Recipe  # noqa: E402
 from edge_prune.runtimes import llamacpp_keys as K  # noqa: E402
-from edge_prune.runtimes import load  # noqa: E402
+from edge_prune.runtimes import load, read_manifest  # noqa: E402
 from edge_prune.runtimes.llamacpp import open_gguf, plan_input_keep, pool_tokens  # noqa: E402
+from edge_prune.runtimes.manifest import CONFIG_FILE  # noqa: E402
 
 PROMPT = "what colour is the square?"
 
@@ -254,3 +255,16 @@ def test_cli_convert_and_run_an_artifact(tiny_llava_dir, tmp_path, images, capsy
     shown = json.loads(capsys.readouterr().out)
     ref = PrunedEngine.load(tiny_llava_dir).generate(PROMPT, tmp_path / "img.png", max_new_tokens=3)
     assert shown["tokens"][0] == ref.tokens[0][0] and shown["kept"]["entered_decoder"] == 64
+
+
+def test_profile_of_an_artifact_predicts_from_its_config(artifact, images, tmp_path, capsys):
+    """The artifact carries its checkpoint's config.json, so `profile` predicts as well as measures."""
+    from edge_prune.cli import main
+
+    assert CONFIG_FILE in read_manifest(artifact).files
+    images[0].save(tmp_path / "img.png")
+    code = main(["profile", str(artifact), "--profile", "pixel-8", "--runs", "1", "--warmup", "0",
+                 "--image", str(tmp_path / "img.png"), "--prompt", PROMPT, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code in (0, 1) and out["measurement"]["runs"] == 1
+    assert out["prediction"] is not None and out["prediction"]["ttft_ms"] > 0
