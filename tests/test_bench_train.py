@@ -117,3 +117,55 @@ def test_patch_targets_mark_each_object_and_its_centre() -> None:
         mine = t.owner == k + 1
         assert mine.any() and (t.shape[mine] == SHAPES.index(o.shape) + 1).all()
         assert t.owner[o.cy // 8, o.cx // 8] == k + 1  # an object covers the patch of its centre
+
+
+def test_object_probe_reads_each_objects_shape_colour_and_digit_from_its_patches() -> None:
+    """Features that spell out each patch's own labels give the object read-outs ~zero loss: the
+    pooled labels (shape, colour, digit of the object under the patches) are the right ones."""
+    import numpy as np
+
+    from edge_prune.bench.generator import make_scene, patch_targets
+    from edge_prune.bench.train import OBJECT_PROBES, PROBE_CLASSES, PatchProbe
+
+    scenes = [make_scene("train", i) for i in range(6)]
+    assert any(o.digit for sc in scenes for o in sc.objects)
+    targets = [patch_targets(sc, 8) for sc in scenes]
+    batch = {k: torch.from_numpy(np.stack([getattr(t, k).reshape(-1) for t in targets])) for k in (*OBJECT_PROBES, "owner")}
+    # a digit is inked on part of its object only: give every patch of the object its digit
+    digit = batch["digit"].clone()
+    for r, t in enumerate(targets):
+        for k in range(1, int(t.owner.max()) + 1):
+            mine = torch.from_numpy(t.owner.reshape(-1) == k)
+            inked = digit[r][mine & (digit[r] > 0)]
+            digit[r][mine] = int(inked[0]) if len(inked) else 0
+    blocks = [torch.nn.functional.one_hot(batch[k], PROBE_CLASSES[k]).float() for k in ("colour", "shape")]
+    blocks.append(torch.nn.functional.one_hot(digit, PROBE_CLASSES["digit"]).float())
+    features = torch.cat(blocks, -1)
+    probe = PatchProbe(features.shape[-1])
+    start = 0
+    with torch.no_grad():
+        for k in OBJECT_PROBES:
+            head, n = probe.objects[k], PROBE_CLASSES[k]
+            head.weight.zero_()
+            head.bias.zero_()
+            head.weight[:, start : start + n] = 30 * torch.eye(n)
+            start += n
+        assert float(probe.object_loss(features, batch)) < 1e-3
+        shuffled = {**batch, "owner": batch["owner"].roll(1, dims=0)}  # owners of other scenes: wrong labels
+        assert float(probe.object_loss(features, shuffled)) > 1.0
+
+
+def test_tower_stage_trains_the_vision_side_only() -> None:
+    from edge_prune.bench.train import PatchProbe, pretrain_tower
+
+    cfg = TrainConfig(**{**SMOKE, "tower_steps": 2, "tower_batch": 2})
+    model = build_model(cfg, build_tokenizer(cfg.vocab_size))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    records = []
+    log = lambda record, _text: records.append(record)  # noqa: E731
+    assert pretrain_tower(model, PatchProbe(cfg.text_hidden), cfg, log) == 2
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("model.vision_tower.") for n in changed)
+    assert any(n.startswith("model.multi_modal_projector.") for n in changed)
+    assert not any(n.startswith(("model.language_model.", "lm_head.")) for n in changed)
+    assert records and records[0]["event"] == "tower_step"
