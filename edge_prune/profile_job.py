@@ -21,6 +21,7 @@ from edge_prune.recipe import Recipe
 from edge_prune.report import ReportData, write_report
 
 DEFAULT_PROMPT = "What colour is the circle?"
+PROFILE_NEW_TOKENS = 16  # decode steps per measured request
 
 
 @dataclass
@@ -85,14 +86,16 @@ def run_profile(target: str | None, profile_name: str, recipe_path: str | None =
                 recipe = Recipe.load(path / "recipe.json")
             if (path / "config.json").is_file():
                 shape = load_shape(path / "config.json")
-            generate = lambda: session.generate(img, text, max_new_tokens=16)  # noqa: E731
+            # an ExecuTorch artifact's KV cache has room for a fixed number of new tokens
+            new_tokens = min(PROFILE_NEW_TOKENS, getattr(getattr(session, "spec", None), "max_new_tokens", PROFILE_NEW_TOKENS))
+            generate = lambda: session.generate(img, text, max_new_tokens=new_tokens)  # noqa: E731
         elif (path / "config.json").is_file():
             from edge_prune.engine import PrunedEngine
 
             engine = PrunedEngine.load(path, recipe=recipe)
             shape = engine.adapter.shape
             quant = quant or "fp32"
-            generate = lambda: engine.generate(text, img, max_new_tokens=16)  # noqa: E731
+            generate = lambda: engine.generate(text, img, max_new_tokens=PROFILE_NEW_TOKENS)  # noqa: E731
         else:
             raise ArtifactError(f"{path} has neither manifest.json (an artifact) nor config.json (a checkpoint); "
                                 "create an artifact with `edge-prune convert`")

@@ -169,14 +169,20 @@ def test_convert_refuses_to_clobber(model_dir, recipe, artifact):
         convert(model_dir, recipe, artifact, ConvertOptions(progress=False))
 
 
-def test_artifact_carries_the_checkpoints_config(artifact, model_dir, recipe):
-    """config.json lets `edge-prune profile ARTIFACT` predict (this fixture's 8-token decode cap is below
-    what profile generates, so the llama.cpp tests run profile itself on a GGUF artifact)."""
+def test_artifact_carries_the_checkpoints_config(artifact, model_dir, recipe, images, tmp_path, capsys):
+    """config.json lets `edge-prune profile ARTIFACT` predict; profile also stays within this
+    fixture's 8-token decode cap (it asks for 16 new tokens where the artifact has room)."""
     from edge_prune.models.shapes import load_shape
 
     assert CONFIG_FILE in read_manifest(artifact).files
     assert (artifact / CONFIG_FILE).read_bytes() == (model_dir / CONFIG_FILE).read_bytes()
     assert load_shape(artifact / CONFIG_FILE).signature() == recipe.model
+    images[0].save(tmp_path / "img.png")
+    code = main(["profile", str(artifact), "--profile", "pixel-8", "--runs", "1", "--warmup", "0",
+                 "--image", str(tmp_path / "img.png"), "--prompt", PROMPTS[0], "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code in (0, 1) and out["measurement"]["runs"] == 1
+    assert out["prediction"] is not None and out["prediction"]["ttft_ms"] > 0
 
 
 # ---- ArtifactWriter -------------------------------------------------------------------------
