@@ -169,3 +169,16 @@ def test_tower_stage_trains_the_vision_side_only() -> None:
     assert any(n.startswith("model.multi_modal_projector.") for n in changed)
     assert not any(n.startswith(("model.language_model.", "lm_head.")) for n in changed)
     assert records and records[0]["event"] == "tower_step"
+
+
+def test_visual_tokens_are_rescaled_to_the_asked_norm() -> None:
+    from edge_prune.bench.generator import make_scene
+    from edge_prune.bench.train import scale_visual_tokens
+
+    cfg = TrainConfig(**SMOKE)
+    model = build_model(cfg, build_tokenizer(cfg.vocab_size))
+    scale_visual_tokens(model, 3.0)
+    with torch.no_grad():  # other scenes than the ones it measured on: the mean norm is a property of the tower
+        images = [make_scene("calib", i).render() for i in range(8)]
+        features = torch.stack(list(model.model.get_image_features(pixel_values=pixel_values(images)).pooler_output))
+    assert float(features.norm(dim=-1).mean()) == pytest.approx(3.0, rel=0.15)

@@ -65,10 +65,11 @@ class TrainConfig:
     warmup_steps: int = 80
     weight_decay: float = 0.05
     turns_per_family: int = 5
-    curriculum: float = 0.0  # share of training over which scenes grow from 1 to MAX_OBJECTS objects; 0 = off
-    # adaptive curriculum instead (0 = off): one more object per scene once the colour and shape
-    # answer losses are below this, the model having learnt to read the scenes it has seen so far
-    curriculum_loss: float = 0.0
+    curriculum: float = 0.6  # share of training over which scenes grow from 1 to MAX_OBJECTS objects; 0 = off
+    # adaptive curriculum (0 = off): one more object per scene once the colour and shape answer
+    # losses are below this, the model having learnt to read the scenes it has seen so far; with
+    # --curriculum too, that schedule is the latest each size is reached
+    curriculum_loss: float = 0.4
     curriculum_min_steps: int = 40  # at least this many steps at each scene size
     rope_theta: float = 10000.0
     look_weight: float = 0.5  # attention guidance at answer tokens (see LookGuide); 0 = off
@@ -76,15 +77,18 @@ class TrainConfig:
     aux_weight: float = 0.5  # per-patch probe loss on the projector output (see PatchProbe); 0 = off
     # stage 1 (see pretrain_tower): vision tower + projector alone on the probe losses, for this many
     # minutes of the --max-minutes budget (or --tower-steps steps), before the decoder trains
-    tower_minutes: float = 0.0
+    tower_minutes: float = 12.0
     tower_steps: int = 0
     tower_batch: int = 8
     init_from: str = ""  # start from this checkpoint's weights (e.g. a stage-1 save) instead of random ones
+    # after stage 1, rescale the projector so visual tokens have this mean norm (0 = leave as trained)
+    image_norm: float = 1.0
+    embed_std: float = 0.0  # init std of the text embeddings (0 = transformers' initializer_range)
     seed: int = 1234
-    eval_every_s: float = 600.0
+    eval_every_s: float = 900.0
     eval_n: int = 140
-    checkpoint_every_s: float = 900.0
-    max_minutes: float = 95.0  # wall-time budget that also drives the LR schedule; 0 = steps only
+    checkpoint_every_s: float = 600.0
+    max_minutes: float = 85.0  # wall-time budget that also drives the LR schedule; 0 = steps only
     test_n: int = 2100  # final test-split accuracy recorded with the model (0 = skip)
     ablation_n: int = 700  # same with every visual token replaced by the mean one (0 = skip)
 
@@ -96,7 +100,7 @@ class TrainConfig:
 SMOKE = dict(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64, text_hidden=32,
              text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=64, steps=3, batch_size=2,
              warmup_steps=1, turns_per_family=1, eval_n=7, eval_every_s=1e9, checkpoint_every_s=1e9,
-             test_n=0, ablation_n=0, max_minutes=0.0, look_layers="1")
+             test_n=0, ablation_n=0, max_minutes=0.0, look_layers="1", tower_steps=2, tower_batch=2)
 
 
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
@@ -541,6 +545,23 @@ def pretrain_tower(model: LlavaForConditionalGeneration, probe: PatchProbe, cfg:
     return step + 1
 
 
+@torch.no_grad()
+def scale_visual_tokens(model: LlavaForConditionalGeneration, norm: float) -> float:
+    """Rescale the projector's output layer so visual tokens have mean norm `norm`; returns the factor.
+
+    Stage 1 rewards large features (the probes' logits grow with them): its visual tokens come out
+    ~200x the norm of text embeddings, and would dominate the residual stream of every text
+    position that attends to them. Linear read-outs are unchanged by the rescale.
+    """
+    scenes = [make_scene("train", 10**9 + i) for i in range(8)]
+    features = torch.stack(list(model.model.get_image_features(pixel_values=pixel_values([s.render() for s in scenes])).pooler_output))
+    factor = norm / float(features.norm(dim=-1).mean())
+    last = model.model.multi_modal_projector.linear_2
+    last.weight.mul_(factor)
+    last.bias.mul_(factor)
+    return factor
+
+
 def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2,)) -> LlavaForConditionalGeneration:
     """Train from a fixed seed and save to `out` (periodic checkpoints there, final save at the end)."""
     torch.manual_seed(cfg.seed)
@@ -555,6 +576,8 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         start = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
         model.load_state_dict(start.state_dict())  # strict: the shapes must be this config's
         del start
+    if cfg.embed_std > 0:
+        torch.nn.init.normal_(model.model.language_model.embed_tokens.weight, std=cfg.embed_std)
     model._bench_processor = processor
     n_visual = cfg.num_visual_tokens
     n_params = sum(p.numel() for p in model.parameters())
@@ -583,6 +606,8 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     t_start = time.time()
     torch.set_num_threads(max(threads))
     tower_steps = pretrain_tower(model, probe, cfg, log)
+    if cfg.image_norm > 0:
+        scale_visual_tokens(model, cfg.image_norm)
     tower_s = time.time() - t_start
     if tower_steps:
         save(model, processor, out, {"seed": cfg.seed, "config": asdict(cfg), "stage": 1, "tower_steps": tower_steps, "complete": False})
@@ -608,7 +633,8 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
             if ready and step - level_since >= cfg.curriculum_min_steps and level < MAX_OBJECTS:
                 level, level_since = level + 1, step
                 fam_ema.clear()  # judge the new scene size on its own answers
-            max_objects = level
+            # a --curriculum schedule, if also given, is the latest each scene size may be reached
+            max_objects = max(level, _max_objects(progress, cfg)) if cfg.curriculum > 0 else level
         else:
             max_objects = _max_objects(progress, cfg)
         batch = make_batch(tokenizer, "train", indices, cfg.turns_per_family, n_visual, max_objects)
