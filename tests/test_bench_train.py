@@ -119,12 +119,12 @@ def test_patch_targets_mark_each_object_and_its_centre() -> None:
         assert t.owner[o.cy // 8, o.cx // 8] == k + 1  # an object covers the patch of its centre
 
 
-def test_object_probe_reads_each_objects_shape_colour_and_digit_from_its_patches() -> None:
+def test_object_probe_reads_each_objects_shape_colour_digit_and_quadrant_from_its_patches() -> None:
     """Features that spell out each patch's own labels give the object read-outs ~zero loss: the
-    pooled labels (shape, colour, digit of the object under the patches) are the right ones."""
+    pooled labels (shape, colour, digit, quadrant of the object under the patches) are the right ones."""
     import numpy as np
 
-    from edge_prune.bench.generator import make_scene, patch_targets
+    from edge_prune.bench.generator import QUADRANTS, make_scene, patch_targets
     from edge_prune.bench.train import OBJECT_PROBES, PROBE_CLASSES, PatchProbe
 
     scenes = [make_scene("train", i) for i in range(6)]
@@ -140,7 +140,13 @@ def test_object_probe_reads_each_objects_shape_colour_and_digit_from_its_patches
             digit[r][mine] = int(inked[0]) if len(inked) else 0
     blocks = [torch.nn.functional.one_hot(batch[k], PROBE_CLASSES[k]).float() for k in ("colour", "shape")]
     blocks.append(torch.nn.functional.one_hot(digit, PROBE_CLASSES["digit"]).float())
+    quadrant = torch.zeros_like(digit)  # the quadrant of the object under each patch, as questions name it
+    for r, (sc, t) in enumerate(zip(scenes, targets)):
+        for k, o in enumerate(sc.objects):
+            quadrant[r][torch.from_numpy(t.owner.reshape(-1) == k + 1)] = QUADRANTS.index(o.quadrant)
+    blocks.append(torch.nn.functional.one_hot(quadrant, 4).float())
     features = torch.cat(blocks, -1)
+    batch.update({k: torch.from_numpy(np.stack([getattr(t, k).reshape(-1) for t in targets])) for k in ("cell", "centre")})
     probe = PatchProbe(features.shape[-1])
     start = 0
     with torch.no_grad():
@@ -150,6 +156,9 @@ def test_object_probe_reads_each_objects_shape_colour_and_digit_from_its_patches
             head.bias.zero_()
             head.weight[:, start : start + n] = 30 * torch.eye(n)
             start += n
+        probe.quadrant.weight.zero_()
+        probe.quadrant.bias.zero_()
+        probe.quadrant.weight[:, start:] = 30 * torch.eye(4)
         assert float(probe.object_loss(features, batch)) < 1e-3
         shuffled = {**batch, "owner": batch["owner"].roll(1, dims=0)}  # owners of other scenes: wrong labels
         assert float(probe.object_loss(features, shuffled)) > 1.0

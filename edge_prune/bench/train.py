@@ -81,6 +81,9 @@ class TrainConfig:
     tower_steps: int = 0
     tower_batch: int = 8
     init_from: str = ""  # start from this checkpoint's weights (e.g. a stage-1 save) instead of random ones
+    # start the vision tower only from this checkpoint (e.g. a stage-1 save under a smaller decoder,
+    # for quick decoder experiments)
+    init_tower_from: str = ""
     # after stage 1, rescale the projector so visual tokens have this mean norm (0 = leave as trained)
     image_norm: float = 1.0
     embed_std: float = 0.0  # init std of the text embeddings (0 = transformers' initializer_range)
@@ -320,6 +323,7 @@ class PatchProbe(torch.nn.Module):
         # when it attends to an object. Interior patches of a square and a circle look alike, so a
         # per-patch shape read-out alone stayed at chance; the pooled one learns from the edges.
         self.objects = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, PROBE_CLASSES[k]) for k in OBJECT_PROBES})
+        self.quadrant = torch.nn.Linear(hidden, 4)  # which image quadrant the object is in
 
     def loss(self, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         flat = features.reshape(-1, features.shape[-1])
@@ -350,7 +354,12 @@ class PatchProbe(torch.nn.Module):
             inked = member * (y > 0)[..., None] if k == "digit" else member  # a digit covers part of its object
             label = (torch.einsum("bnk,bn->bk", inked, y.to(features.dtype)) / inked.sum(1).clamp(min=1)).round().long()
             total = total + torch.nn.functional.cross_entropy(head(pooled[present]), label[present])
-        return total
+        # the quadrant of the patch holding the object's centre
+        cell = targets["cell"].reshape(owner.shape)
+        quadrant = (cell // GRID >= GRID // 2).long() * 2 + (cell % GRID >= GRID // 2).long()
+        at_centre = member * targets["centre"].reshape(owner.shape)[..., None]
+        label = (torch.einsum("bnk,bn->bk", at_centre, quadrant.to(features.dtype)) / at_centre.sum(1).clamp(min=1)).round().long()
+        return total + torch.nn.functional.cross_entropy(self.quadrant(pooled[present]), label[present])
 
 
 def _load(model_or_dir: LlavaForConditionalGeneration | str | Path) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -575,6 +584,10 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     if cfg.init_from:
         start = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
         model.load_state_dict(start.state_dict())  # strict: the shapes must be this config's
+        del start
+    if cfg.init_tower_from:
+        start = LlavaForConditionalGeneration.from_pretrained(cfg.init_tower_from, dtype=torch.float32)
+        model.model.vision_tower.load_state_dict(start.model.vision_tower.state_dict())
         del start
     if cfg.embed_std > 0:
         torch.nn.init.normal_(model.model.language_model.embed_tokens.weight, std=cfg.embed_std)
