@@ -223,6 +223,8 @@ def make_batch(
         turns += [(r, first[j] - 1, FAMILIES.index(qa.family)) for j, qa in enumerate(qas) if j in first]
         for j, qa in enumerate(qas):
             where = np.isin(owner, [o + 1 for o in qa.objects])
+            if qa.family == "detail":  # look at the digit itself: averaged over the whole object it is diluted
+                where &= target.digit.reshape(-1) > 0
             if qa.objects and where.any() and j in first:
                 # the token that predicts the answer should look at the objects the question is about
                 looks.append((r, first[j] - 1, torch.from_numpy(where)))
