@@ -122,15 +122,14 @@ def test_patch_targets_mark_each_object_and_its_centre() -> None:
 def test_object_probe_reads_each_objects_shape_colour_digit_and_quadrant_from_its_patches() -> None:
     """Features that spell out each patch's own labels give the object read-outs ~zero loss: the
     pooled labels (shape, colour, digit, quadrant of the object under the patches) are the right ones."""
-    import numpy as np
 
     from edge_prune.bench.generator import QUADRANTS, make_scene, patch_targets
-    from edge_prune.bench.train import OBJECT_PROBES, PROBE_CLASSES, PatchProbe
+    from edge_prune.bench.train import OBJECT_PROBES, PROBE_CLASSES, PatchProbe, stack_targets
 
     scenes = [make_scene("train", i) for i in range(6)]
     assert any(o.digit for sc in scenes for o in sc.objects)
     targets = [patch_targets(sc, 8) for sc in scenes]
-    batch = {k: torch.from_numpy(np.stack([getattr(t, k).reshape(-1) for t in targets])) for k in (*OBJECT_PROBES, "owner")}
+    batch = stack_targets(targets)
     # a digit is inked on part of its object only: give every patch of the object its digit
     digit = batch["digit"].clone()
     for r, t in enumerate(targets):
@@ -146,7 +145,6 @@ def test_object_probe_reads_each_objects_shape_colour_digit_and_quadrant_from_it
             quadrant[r][torch.from_numpy(t.owner.reshape(-1) == k + 1)] = QUADRANTS.index(o.quadrant)
     blocks.append(torch.nn.functional.one_hot(quadrant, 4).float())
     features = torch.cat(blocks, -1)
-    batch.update({k: torch.from_numpy(np.stack([getattr(t, k).reshape(-1) for t in targets])) for k in ("cell", "centre")})
     probe = PatchProbe(features.shape[-1])
     start = 0
     with torch.no_grad():

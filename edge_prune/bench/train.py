@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from edge_prune.bench.generator import (
-    COLOURS, FAMILIES, GRID, IMAGE_SIZE, MAX_OBJECTS, QA, SHAPES, iter_items, make_conversation, make_scene, patch_targets,
+    COLOURS, FAMILIES, GRID, IMAGE_SIZE, MAX_OBJECTS, QA, SHAPES, PatchTargets, iter_items, make_conversation, make_scene, patch_targets,
 )
 from edge_prune.bench.tokenizer import ASSISTANT, EOS, IMAGE, USER, build_tokenizer, prompt
 
@@ -199,6 +199,11 @@ def conversation_text(qas: Sequence[QA], n_visual: int) -> tuple[str, list[tuple
     return text, spans
 
 
+def stack_targets(targets: Sequence[PatchTargets]) -> dict[str, torch.Tensor]:
+    """Per-patch labels of a batch of scenes as (B, N) tensors, keyed as PatchProbe reads them."""
+    return {k: torch.from_numpy(np.stack([getattr(t, k).reshape(-1) for t in targets])) for k in (*PROBE_CLASSES, "owner")}
+
+
 def make_batch(
     tokenizer: PreTrainedTokenizerFast, split: str, indices: Sequence[int], turns_per_family: int, n_visual: int,
     max_objects: int = MAX_OBJECTS,
@@ -240,7 +245,7 @@ def make_batch(
         input_ids[r, : len(x)] = torch.tensor(x)
         label_t[r, : len(y)] = torch.tensor(y)
         mask[r, : len(x)] = 1
-    probe = {k: torch.from_numpy(np.stack([getattr(t, k).reshape(-1) for t in targets])) for k in (*PROBE_CLASSES, "owner")}
+    probe = stack_targets(targets)
     look = {"row": torch.tensor([x[0] for x in looks], dtype=torch.long),
             "query": torch.tensor([x[1] for x in looks], dtype=torch.long),
             "patches": torch.stack([x[2] for x in looks]) if looks else torch.zeros((0, n_visual), dtype=torch.bool)}
@@ -540,7 +545,7 @@ def pretrain_tower(model: LlavaForConditionalGeneration, probe: PatchProbe, cfg:
         # indices far past the joint stage's, so the two stages see different training scenes
         scenes = [make_scene("train", 10**8 + step * cfg.tower_batch + i) for i in range(cfg.tower_batch)]
         targets = [patch_targets(sc, patch) for sc in scenes]
-        batch = {k: torch.from_numpy(np.stack([getattr(t, k).reshape(-1) for t in targets])) for k in (*PROBE_CLASSES, "owner")}
+        batch = stack_targets(targets)
         features = model.model.get_image_features(pixel_values=pixel_values([sc.render() for sc in scenes])).pooler_output
         loss = probe.loss(torch.stack(list(features)), batch)
         opt.zero_grad(set_to_none=True)
