@@ -122,7 +122,6 @@ def test_patch_targets_mark_each_object_and_its_centre() -> None:
 def test_object_probe_reads_each_objects_shape_colour_digit_and_quadrant_from_its_patches() -> None:
     """Features that spell out each patch's own labels give the object read-outs ~zero loss: the
     pooled labels (shape, colour, digit, quadrant of the object under the patches) are the right ones."""
-
     from edge_prune.bench.generator import QUADRANTS, make_scene, patch_targets
     from edge_prune.bench.train import OBJECT_PROBES, PROBE_CLASSES, PatchProbe, stack_targets
 
