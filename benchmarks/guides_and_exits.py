@@ -40,9 +40,15 @@ ROOT = Path(__file__).resolve().parent
 MODEL = ROOT / "models" / "toyvqa-llava"
 RECIPES = ROOT / "recipes"  # --out changes both (dry runs)
 RESULTS = ROOT / "results"
-SCHEDULE = "0.5@2,0.3@3,0.1@4"  # 90% of the visual tokens gone after layer 4 of 8 (the middle), as LVPruning
 FITPRUNE_60 = 0.6
 TRAIN_LIMIT_S = 30 * 60  # each kind of module must train in <= 30 min on 2 cores
+
+
+def guide_schedule(num_layers: int) -> str:
+    """90% of the visual tokens gone after the middle layer, in three steps, as LVPruning
+    (e.g. 0.5@1,0.3@2,0.1@3 for 6 layers)."""
+    mid = num_layers // 2
+    return f"0.5@{max(0, mid - 2)},0.3@{max(1, mid - 1)},0.1@{mid}"
 
 
 def log(msg: str) -> None:
@@ -100,7 +106,7 @@ class Bench:
     def fit_guides(self, path: Path) -> Recipe:
         a = self.args
         data = load_calibration("bench:train", a.train_n)
-        config = GuideConfig(parse_schedule(SCHEDULE, self.shape.num_layers), steps=a.steps, batch_size=8,
+        config = GuideConfig(parse_schedule(guide_schedule(self.shape.num_layers), self.shape.num_layers), steps=a.steps, batch_size=8,
                              micro_batch=4, lr=a.lr, seed=0)
         fitter = GuideFitter(self.engine, data, config, work_dir=path.parent)
         result = fitter.fit()

@@ -31,6 +31,7 @@ def test_smoke_training_saves_a_loadable_llava(tmp_path: Path) -> None:
     assert any(r["event"] == "eval" for r in records)
     # the answer loss is also logged per question family, so a run shows which families it has learnt
     assert any(set(r.get("family_answer_loss", {})) >= {"count"} for r in records if r["event"] == "step")
+    assert all("residual_rms2" in r for r in records if r["event"] == "step")
 
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.dtype == torch.float16
@@ -74,7 +75,7 @@ def test_default_model_meets_the_design_limits() -> None:
     cfg = TrainConfig()
     model = build_model(cfg, build_tokenizer(cfg.vocab_size))
     assert cfg.num_visual_tokens == 576
-    assert model.config.text_config.num_hidden_layers >= 8
+    assert model.config.text_config.num_hidden_layers >= 6
     assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
     assert sum(p.numel() for p in model.parameters()) * 2 < 25e6  # fp16 bytes
     assert prefill_flops(model, 600).vision_share <= 0.15
@@ -188,3 +189,13 @@ def test_visual_tokens_are_rescaled_to_the_asked_norm() -> None:
         images = [make_scene("calib", i).render() for i in range(8)]
         features = torch.stack(list(model.model.get_image_features(pixel_values=pixel_values(images)).pooler_output))
     assert float(features.norm(dim=-1).mean()) == pytest.approx(3.0, rel=0.15)
+
+
+def test_residual_penalty_is_the_mean_square_rms_at_text_positions_only() -> None:
+    from edge_prune.bench.train import text_residual_penalty
+
+    hidden = torch.zeros(1, 4, 8)
+    hidden[0, :2] = 100.0  # visual tokens may be large: only text positions feed answers
+    hidden[0, 2] = 2.0  # RMS 2 -> 4
+    text = torch.tensor([[False, False, True, True]])
+    assert float(text_residual_penalty(hidden, text)) == pytest.approx(2.0)
