@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_sweep(args.model, [SweepEntry("unpruned", None, f"n={args.n}")], n=args.n, engine=engine)
     rows += run_sweep(args.model, [SweepEntry("mean-visual", None, "visual tokens replaced by their mean",
                                               ablate_visual="mean")], n=args.n_table, engine=engine)
-    entries = []
+    entries, unreachable = [], []
     for method in ("random", "pool", "fastv"):
         for target in TARGETS:
             name = f"{method}-{round(target * 100)}"
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                         break
             if recipe is None:
                 print(f"== {name}: {note}", flush=True)
+                unreachable.append(f"{name}: {note}")
                 continue
             save_recipe(recipe, ROOT / "recipes", name)
             entries.append(SweepEntry(name, recipe, note))
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
               f"unpruned row n={args.n}, other rows n={args.n_table} (100 per family). FLOPs: exact accounting, "
               f"{text} text tokens (test-prompt mean). The `answer prior` row is the accuracy of always giving a family's most frequent answer. "
               f"Command: `.venv/bin/python benchmarks/baselines.py`. Wall time {time.time() - start:.0f} s.")
+    if unreachable:
+        header += "\n\nTargets a method cannot reach on this model (no row):\n" + "\n".join(f"- {u}" for u in unreachable)
     prior = prior_accuracy(args.n)
     rows.append({"name": "answer prior", "note": "most frequent answer per family (no model)",
                  "accuracy": sum(prior.values()) / len(prior), "per_family": prior, "flops_reduction": 1.0,

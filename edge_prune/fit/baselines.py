@@ -67,7 +67,9 @@ def baseline_recipe(
         raise RecipeError(
             f"{method} cannot reach a {flops_reduction:.0%} prefill-FLOPs reduction ({accounting} accounting, "
             f"{text_tokens} text tokens); the most it reaches is {reduction(counts[0]):.1%}"
-            + (f" (try a smaller --k than {k})" if method != "pool" else "")
+            + (f" (try a smaller --k than {k})" if method != "pool" and k > 1 else "")
+            + ("; the vision tower's FLOPs are never pruned" if method == "pool" else "")
+            + ("; the vision tower and layer 0 are never pruned" if method != "pool" and k == 1 else "")
         )
     lo, hi = 0, len(counts) - 1  # reduction falls as the count grows: find the largest count meeting it
     while lo < hi:

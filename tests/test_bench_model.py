@@ -1,0 +1,46 @@
+"""The committed benchmark model: a complete fp16 LLaVA within the design limits, that reads its image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from edge_prune.bench.evaluate import evaluate
+from edge_prune.bench.train import TrainConfig, prefill_flops
+
+BENCH_MODEL = Path(__file__).resolve().parent.parent / "benchmarks" / "models" / "toyvqa-llava"
+
+
+def test_committed_model_is_a_complete_fp16_llava_within_the_design_limits() -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+                 "chat_template.jinja", "training_log.txt", "training_run.json"):
+        assert (BENCH_MODEL / name).is_file(), name
+    assert (BENCH_MODEL / "model.safetensors").stat().st_size <= 25 * 2**20
+    run = json.loads((BENCH_MODEL / "training_run.json").read_text())
+    assert run["complete"] and run["seed"] == TrainConfig.seed
+    config = AutoConfig.from_pretrained(BENCH_MODEL)
+    assert config.model_type == "llava" and config.image_seq_length == 576
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(BENCH_MODEL)
+    assert model.dtype == torch.float16
+    assert prefill_flops(model, 600).vision_share <= 0.15
+
+
+@pytest.fixture(scope="module")
+def unpruned_and_ablated():
+    kw = dict(n=70, batch_size=14, timing_items=1, progress=False)
+    return evaluate(BENCH_MODEL, **kw), evaluate(BENCH_MODEL, ablate_visual="mean", **kw)
+
+
+def test_committed_model_answers_from_its_image(unpruned_and_ablated) -> None:
+    """70 test items (10 per family): replacing the visual tokens by their mean costs most of the accuracy."""
+    unpruned, ablated = unpruned_and_ablated
+    assert unpruned.accuracy - ablated.accuracy >= 0.2
+    # the families a blind model can only guess at lose most
+    for family in ("colour", "position"):
+        assert unpruned.per_family[family] - ablated.per_family[family] >= 0.3, family
