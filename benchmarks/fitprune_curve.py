@@ -87,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 
     curve_entries = []
     for target in CURVE:
-        res = fit60 if target == 0.6 else fit(engine, calib, target)
         name = f"fitprune-{round(target * 100)}"
+        try:
+            res = fit60 if target == 0.6 else fit(engine, calib, target)
+        except RecipeError as exc:  # e.g. 90% when the vision tower alone is more than 10% of prefill
+            notes.append(f"{name}: {exc}")
+            print(f"== {name}: {exc}", flush=True)
+            continue
         save_recipe(res.recipe, ROOT / "recipes", name)
         curve_entries.append(SweepEntry(name, res.recipe, f"alpha {res.alpha:.3f}"))
     curve = run_sweep(args.model, curve_entries, n=args.n_curve, engine=engine)
