@@ -106,7 +106,8 @@ class Bench:
     def fit_guides(self, path: Path) -> Recipe:
         a = self.args
         data = load_calibration("bench:train", a.train_n)
-        config = GuideConfig(parse_schedule(guide_schedule(self.shape.num_layers), self.shape.num_layers), steps=a.steps, batch_size=8,
+        layers = self.shape.num_layers
+        config = GuideConfig(parse_schedule(guide_schedule(layers), layers), steps=a.steps, batch_size=8,
                              micro_batch=4, lr=a.lr, seed=0)
         fitter = GuideFitter(self.engine, data, config, work_dir=path.parent)
         result = fitter.fit()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from edge_prune.bench.evaluate import evaluate
 from edge_prune.bench.train import TrainConfig, prefill_flops
@@ -24,8 +24,6 @@ def test_committed_model_is_a_complete_fp16_llava_within_the_design_limits() -> 
     assert run["complete"] and run["seed"] == TrainConfig.seed
     config = AutoConfig.from_pretrained(BENCH_MODEL)
     assert config.model_type == "llava" and config.image_seq_length == 576
-    from transformers import LlavaForConditionalGeneration
-
     model = LlavaForConditionalGeneration.from_pretrained(BENCH_MODEL)
     assert model.dtype == torch.float16
     assert prefill_flops(model, 600).vision_share <= 0.15

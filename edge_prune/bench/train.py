@@ -377,14 +377,18 @@ class PatchProbe(torch.nn.Module):
         for k, head in self.objects.items():
             y = targets[k].reshape(owner.shape)
             inked = member * (y > 0)[..., None] if k == "digit" else member  # a digit covers part of its object
-            label = (torch.einsum("bnk,bn->bk", inked, y.to(features.dtype)) / inked.sum(1).clamp(min=1)).round().long()
-            total = total + torch.nn.functional.cross_entropy(head(pooled[present]), label[present])
+            total = total + torch.nn.functional.cross_entropy(head(pooled[present]), _object_label(inked, y)[present])
         # the quadrant of the patch holding the object's centre
         cell = targets["cell"].reshape(owner.shape)
         quadrant = (cell // GRID >= GRID // 2).long() * 2 + (cell % GRID >= GRID // 2).long()
         at_centre = member * targets["centre"].reshape(owner.shape)[..., None]
-        label = (torch.einsum("bnk,bn->bk", at_centre, quadrant.to(features.dtype)) / at_centre.sum(1).clamp(min=1)).round().long()
-        return total + torch.nn.functional.cross_entropy(self.quadrant(pooled[present]), label[present])
+        return total + torch.nn.functional.cross_entropy(self.quadrant(pooled[present]), _object_label(at_centre, quadrant)[present])
+
+
+def _object_label(patches: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Each object's label: the mean of `values` (B, N) over its patches marked in `patches` (B, N, K),
+    which all carry the same label, so the mean is that label (0 where an object has none marked)."""
+    return (torch.einsum("bnk,bn->bk", patches, values.to(patches.dtype)) / patches.sum(1).clamp(min=1)).round().long()
 
 
 def _load(model_or_dir: LlavaForConditionalGeneration | str | Path) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:

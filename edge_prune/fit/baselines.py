@@ -67,9 +67,7 @@ def baseline_recipe(
         raise RecipeError(
             f"{method} cannot reach a {flops_reduction:.0%} prefill-FLOPs reduction ({accounting} accounting, "
             f"{text_tokens} text tokens); the most it reaches is {reduction(counts[0]):.1%}"
-            + (f" (try a smaller --k than {k})" if method != "pool" and k > 1 else "")
-            + ("; the vision tower's FLOPs are never pruned" if method == "pool" else "")
-            + ("; the vision tower and layer 0 are never pruned" if method != "pool" and k == 1 else "")
+            + _unreachable_hint(method, k)
         )
     lo, hi = 0, len(counts) - 1  # reduction falls as the count grows: find the largest count meeting it
     while lo < hi:
@@ -90,3 +88,12 @@ def baseline_recipe(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return recipe
+
+
+def _unreachable_hint(method: str, k: int) -> str:
+    """What bounds a method's reduction: the unpruned vision tower, and layers before the drop."""
+    if method == "pool":
+        return "; the vision tower's FLOPs are never pruned"
+    if k > 1:
+        return f" (try a smaller --k than {k})"
+    return "; the vision tower and layer 0 are never pruned"
