@@ -10,6 +10,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from edge_prune.bench.generator import make_item
 from edge_prune.bench.tokenizer import IMAGE, build_tokenizer, prompt
 from edge_prune.bench.train import (
+    PROBE_FILE,
     SMOKE,
     TrainConfig,
     answer_accuracy,
@@ -32,6 +33,9 @@ def test_smoke_training_saves_a_loadable_llava(tmp_path: Path) -> None:
     # the answer loss is also logged per question family, so a run shows which families it has learnt
     assert any(set(r.get("family_answer_loss", {})) >= {"count"} for r in records if r["event"] == "step")
     assert all("residual_rms2" in r for r in records if r["event"] == "step")
+    # the stage-1 checkpoint carried the training-only probe; the published model does not
+    assert any(r["event"] == "tower_step" for r in records)
+    assert not (out / PROBE_FILE).exists()
 
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.dtype == torch.float16
@@ -189,6 +193,27 @@ def test_visual_tokens_are_rescaled_to_the_asked_norm() -> None:
         images = [make_scene("calib", i).render() for i in range(8)]
         features = torch.stack(list(model.model.get_image_features(pixel_values=pixel_values(images)).pooler_output))
     assert float(features.norm(dim=-1).mean()) == pytest.approx(3.0, rel=0.15)
+
+
+def test_rescaling_visual_tokens_leaves_the_probe_loss_unchanged() -> None:
+    from edge_prune.bench.generator import make_scene, patch_targets
+    from edge_prune.bench.train import PatchProbe, scale_visual_tokens, stack_targets
+
+    cfg = TrainConfig(**SMOKE)
+    model = build_model(cfg, build_tokenizer(cfg.vocab_size))
+    probe = PatchProbe(cfg.text_hidden)
+    scenes = [make_scene("calib", i) for i in range(4)]
+    targets = stack_targets([patch_targets(sc, cfg.patch_size) for sc in scenes])
+    images = pixel_values([sc.render() for sc in scenes])
+
+    def probe_loss() -> float:
+        with torch.no_grad():
+            return float(probe.loss(torch.stack(list(model.model.get_image_features(pixel_values=images).pooler_output)), targets))
+
+    before = probe_loss()
+    factor = scale_visual_tokens(model, 50.0, probe)
+    assert abs(factor - 1) > 0.5  # the features really were rescaled
+    assert probe_loss() == pytest.approx(before, rel=1e-4)
 
 
 def test_residual_penalty_is_the_mean_square_rms_at_text_positions_only() -> None:

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import (
     CLIPImageProcessor,
@@ -39,6 +40,7 @@ from edge_prune.bench.generator import (
 from edge_prune.bench.tokenizer import ASSISTANT, EOS, IMAGE, USER, build_tokenizer, prompt
 
 DEFAULT_OUT = Path("benchmarks/models/toyvqa-llava")
+PROBE_FILE = "training_probe.safetensors"  # in checkpoints only (see save)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -477,8 +479,13 @@ def _progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
     return by_steps
 
 
-def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: Path, meta: dict) -> None:
-    """fp16 safetensors + processor + run metadata; written to a temp dir then swapped in."""
+def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: Path, meta: dict,
+         probe: "PatchProbe | None" = None) -> None:
+    """fp16 safetensors + processor + run metadata; written to a temp dir then swapped in.
+
+    Checkpoints pass the training-only `probe`, saved beside the model so `--init-from` resumes
+    it; the final save passes none and removes it, so the published model is a plain LLaVA.
+    """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -486,10 +493,14 @@ def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: P
     half.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     (tmp / "training_run.json").write_text(json.dumps(meta, indent=2))
+    if probe is not None:
+        save_file({k: v.detach().contiguous() for k, v in probe.state_dict().items()}, str(tmp / PROBE_FILE))
     out.mkdir(parents=True, exist_ok=True)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
+    if probe is None:
+        (out / PROBE_FILE).unlink(missing_ok=True)
 
 
 class _ThreadTuner:
@@ -584,12 +595,15 @@ def pretrain_tower(model: LlavaForConditionalGeneration, probe: PatchProbe, cfg:
 
 
 @torch.no_grad()
-def scale_visual_tokens(model: LlavaForConditionalGeneration, norm: float) -> float:
+def scale_visual_tokens(model: LlavaForConditionalGeneration, norm: float, probe: "PatchProbe | None" = None) -> float:
     """Rescale the projector's output layer so visual tokens have mean norm `norm`; returns the factor.
 
     Stage 1 rewards large features (the probes' logits grow with them): its visual tokens come out
     ~200x the norm of text embeddings, and would dominate the residual stream of every text
-    position that attends to them. Linear read-outs are unchanged by the rescale.
+    position that attends to them. Linear read-outs are unchanged by the rescale, and `probe`'s
+    weights are divided by the same factor so its logits are too: left as they were, its loss
+    jumped from ~1.4 to ~16 at the start of the joint stage, and its gradient reshaped the tower
+    for ~3,000 steps while the decoder was trying to learn to read it.
     """
     scenes = [make_scene("train", 10**9 + i) for i in range(8)]
     features = torch.stack(list(model.model.get_image_features(pixel_values=pixel_values([s.render() for s in scenes])).pooler_output))
@@ -597,6 +611,10 @@ def scale_visual_tokens(model: LlavaForConditionalGeneration, norm: float) -> fl
     last = model.model.multi_modal_projector.linear_2
     last.weight.mul_(factor)
     last.bias.mul_(factor)
+    if probe is not None:
+        for layer in probe.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.div_(factor)
     return factor
 
 
@@ -633,6 +651,8 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         f"vision {share.vision / 1e9:.3f} GFLOPs, projector {share.projector / 1e9:.3f}, decoder {share.decoder / 1e9:.3f}; "
         f"vision tower share {100 * share.vision_share:.1f}%")
     probe = PatchProbe(cfg.text_hidden)
+    if cfg.init_from and (Path(cfg.init_from) / PROBE_FILE).exists():
+        probe.load_state_dict(load_file(str(Path(cfg.init_from) / PROBE_FILE)))
     captured: dict[str, torch.Tensor] = {}
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out))
     model.model.language_model.norm.register_forward_pre_hook(lambda _m, args: captured.__setitem__("last_hidden", args[0]))
@@ -640,9 +660,11 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     if any(not 0 <= i < cfg.text_layers for i in look_layers):
         raise ValueError(f"--look-layers {cfg.look_layers} must name decoder layers 0..{cfg.text_layers - 1}")
     guide = LookGuide(model, look_layers) if cfg.look_weight > 0 else None
-    named = list(model.named_parameters()) + list(probe.named_parameters())
+    named = list(model.named_parameters())
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
+    # the probe's weights are ~1/200 of what they would be on unscaled features (scale_visual_tokens):
+    # decaying them would shrink its logits and reward the tower for growing its features again
+    no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n] + list(probe.parameters())
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
     model.train()
@@ -650,10 +672,10 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     torch.set_num_threads(max(threads))
     tower_steps = pretrain_tower(model, probe, cfg, log)
     if cfg.image_norm > 0:
-        scale_visual_tokens(model, cfg.image_norm)
+        scale_visual_tokens(model, cfg.image_norm, probe)
     tower_s = time.time() - t_start
     if tower_steps:
-        save(model, processor, out, {"seed": cfg.seed, "config": asdict(cfg), "stage": 1, "tower_steps": tower_steps, "complete": False})
+        save(model, processor, out, {"seed": cfg.seed, "config": asdict(cfg), "stage": 1, "tower_steps": tower_steps, "complete": False}, probe)
     full_cfg, cfg = cfg, replace(cfg, max_minutes=max(1.0, cfg.max_minutes - tower_s / 60) if cfg.max_minutes > 0 else 0.0)
     t0 = time.time()  # the joint stage's clock: its LR schedule spans what is left of the budget
     last_eval = last_ckpt = t0
@@ -720,7 +742,7 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
             _log_eval(log, model, cfg, step, now - t0)
             last_eval = time.time()
         if now - last_ckpt > cfg.checkpoint_every_s:
-            save(model, processor, out, {**meta, "step": step + 1, "complete": False, "wall_s": time.time() - t_start})
+            save(model, processor, out, {**meta, "step": step + 1, "complete": False, "wall_s": time.time() - t_start}, probe)
             last_ckpt = time.time()
         if out_of_time:
             log({"event": "stop", "step": step, "reason": "max_minutes"}, f"stopping at step {step}: --max-minutes budget spent")
