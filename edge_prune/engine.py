@@ -28,7 +28,16 @@ from edge_prune.errors import InputError, RecipeError
 from edge_prune.models.adapter import ImageInput, LlavaAdapter, PreparedBatch
 from edge_prune.recipe import Recipe
 from edge_prune.runtimes.results import KeptTokens, Timings
-from edge_prune.scoring import SCORERS, ExitRouter, GuideSet, ScoreContext, pool_visual, select_visual
+from edge_prune.scoring import (
+    SCORERS,
+    ExitRouter,
+    GuideSet,
+    ScoreContext,
+    fitprune_attention,
+    fitprune_combine,
+    pool_visual,
+    select_visual,
+)
 
 ATTENTION_SCORERS = ("fastv", "fitprune")
 
@@ -204,16 +213,18 @@ class PrunedEngine:
         caches: list[LayerCache | None] = []
         for i, layer in enumerate(self.adapter.layers):
             residual = ws.hidden
+            targets = [c[i] for c in counts]
+            present = ws.visual.sum(1).tolist()
+            drops = any(t < p for t, p in zip(targets, present))
             if i in self.skip:
                 caches.append(None)
                 attn_ctx = None
             else:
-                attn_out, cache, attn_ctx = self.attend(layer, ws)
+                score_here = drops and self.recipe.prune.scorer == "fitprune"
+                attn_out, cache, attn_ctx = self.attend(layer, ws, i if score_here else None)
                 caches.append(cache)
                 ws.hidden = residual + attn_out
-            targets = [c[i] for c in counts]
-            present = ws.visual.sum(1).tolist()
-            if any(t < p for t, p in zip(targets, present)):
+            if drops:
                 ws = self._drop(ws, i, attn_ctx, targets)
             if i in self.exit_layers:
                 ws = self._mlp_and_exit(layer, i, ws, counts, exits)
@@ -294,13 +305,22 @@ class PrunedEngine:
         q, k = self.adapter.apply_rotary(q, k, cos, sin)
         return q, k, v
 
-    def attend(self, layer: torch.nn.Module, ws: WorkingSet):
-        """Layer attention over the working set: (output, the layer's KV cache, (q, k, scaling) for scorers)."""
+    def attend(self, layer: torch.nn.Module, ws: WorkingSet, fitprune_layer: int | None = None):
+        """Layer attention over the working set: (output, the layer's KV cache, context for the scorer).
+
+        The context is (q, k, scaling, fitprune): with `fitprune_layer` (this layer's index), `fitprune`
+        is FitPrune's (cross, self) from the same attention probabilities as the output
+        (scoring.fitprune_attention); otherwise None.
+        """
         attn = layer.self_attn
         x = layer.input_layernorm(ws.hidden)
         q, k, v = self._qkv(layer, x, ws.positions)
         bsz, t = ws.valid.shape
-        if bool(ws.valid.all()):
+        components = None
+        if fitprune_layer is not None:
+            out, cross, self_ = fitprune_attention(self.score_context(ws, fitprune_layer, q, k, attn.scaling), v)
+            components = (cross, self_)
+        elif bool(ws.valid.all()):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
         else:
             idx = torch.arange(t, device=q.device)
@@ -311,8 +331,7 @@ class PrunedEngine:
                                                  enable_gqa=True)
         out = attn.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
         cache = LayerCache(key=k, value=v, valid=ws.valid.clone())
-        ctx = (q, k, attn.scaling)
-        return out, cache, ctx
+        return out, cache, (q, k, attn.scaling, components)
 
     def _mlp_and_exit(self, layer: torch.nn.Module, i: int, ws: WorkingSet, counts: list[list[int]],
                       exits: list[int | None]) -> WorkingSet:
@@ -361,14 +380,19 @@ class PrunedEngine:
             raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside the decoder")
         if attn_ctx is None:
             q = k = ws.hidden.new_zeros(ws.hidden.shape[0], 1, ws.hidden.shape[1], 1)
-            scaling = 1.0
+            scaling, components = 1.0, None
         else:
-            q, k, scaling = attn_ctx
-        ctx = ScoreContext(layer=layer, query=q, key=k, scaling=scaling, valid=ws.valid, visual=ws.visual,
-                           text_after=ws.text_after, positions=ws.positions, seed=self.recipe.prune.seed, chunk=self.score_chunk)
-        scores = SCORERS[scorer](ctx)
+            q, k, scaling, components = attn_ctx
+        ctx = self.score_context(ws, layer, q, k, scaling)
+        scores = fitprune_combine(ctx, *components) if components else SCORERS[scorer](ctx)
         keep_visual = select_visual(scores, ws.visual, targets)
         return ws.select(ws.valid & (~ws.visual | keep_visual))
+
+    def score_context(self, ws: WorkingSet, layer: int, q: torch.Tensor, k: torch.Tensor,
+                       scaling: float) -> ScoreContext:
+        return ScoreContext(layer=layer, query=q, key=k, scaling=scaling, valid=ws.valid, visual=ws.visual,
+                            text_after=ws.text_after, positions=ws.positions, seed=self.recipe.prune.seed,
+                            chunk=self.score_chunk)
 
     def _trim(self, tokens: torch.Tensor) -> list[list[int]]:
         """Cut each row after its first end-of-sequence token (which is kept)."""

@@ -68,32 +68,61 @@ def fitprune_components(ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor]:
     cross = attention a token receives from the text after the image, per such text row;
     self = attention it receives from the visual tokens, per visual token.
     """
-    b, _, t, _ = ctx.query.shape
-    cross = torch.zeros(b, t, device=ctx.query.device)
-    self_ = torch.zeros(b, t, device=ctx.query.device)
-    cross_rows = ctx.text_after & ctx.valid
-    self_rows = ctx.visual & ctx.valid
-    needed = cross_rows | self_rows
-    positions = torch.arange(t, device=ctx.query.device)
-    for start in range(0, t, ctx.chunk):
-        sl = slice(start, min(start + ctx.chunk, t))
-        if not needed[:, sl].any():
-            continue
-        rows = positions[sl].expand(b, -1)
-        head_max = attention_rows(ctx, rows).amax(dim=1)  # [B, c, T]
-        cross += (head_max * cross_rows[:, sl, None]).sum(1)
-        self_ += (head_max * self_rows[:, sl, None]).sum(1)
-    cross = cross / cross_rows.sum(1, keepdim=True).clamp(min=1)
-    self_ = self_ / self_rows.sum(1, keepdim=True).clamp(min=1)
+    cross, self_, _ = _fitprune_pass(ctx, None)
     return cross, self_
 
 
 def fitprune_scores(ctx: ScoreContext) -> torch.Tensor:
     """FitPrune's inference score: cross x self. [B, T]"""
-    cross, self_ = fitprune_components(ctx)
-    # A prompt that ends with the image has no cross rows; fall back to the self score alone.
+    return fitprune_combine(ctx, *fitprune_components(ctx))
+
+
+def fitprune_attention(ctx: ScoreContext, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's attention output [B, H, T, hd] for `value` [B, KVH, T, hd], and FitPrune's (cross, self).
+
+    One pass over the probabilities serves both, so a layer that FitPrune scores computes its
+    attention once instead of once in the fused kernel and again, row by row, to score (the second
+    pass cost as much as the layer's attention itself).
+    """
+    cross, self_, out = _fitprune_pass(ctx, value)
+    assert out is not None
+    return out, cross, self_
+
+
+def fitprune_combine(ctx: ScoreContext, cross: torch.Tensor, self_: torch.Tensor) -> torch.Tensor:
+    """cross x self; a prompt that ends with the image has no cross rows, and scores by self alone."""
     has_cross = (ctx.text_after & ctx.valid).any(1, keepdim=True)
     return torch.where(has_cross, cross * self_, self_)
+
+
+def _fitprune_pass(ctx: ScoreContext, value: torch.Tensor | None):
+    """(cross, self, attention output or None), chunk by chunk of query rows: no full [T, T] map."""
+    b, h, t, _ = ctx.query.shape
+    cross = torch.zeros(b, t, device=ctx.query.device)
+    self_ = torch.zeros(b, t, device=ctx.query.device)
+    cross_rows = ctx.text_after & ctx.valid
+    self_rows = ctx.visual & ctx.valid
+    needed = cross_rows | self_rows
+    out = None
+    if value is not None:
+        out = ctx.query.new_empty(b, h, t, value.shape[-1])
+        if value.shape[1] != h:  # grouped-query attention, as in attention_rows
+            value = value.repeat_interleave(h // value.shape[1], dim=1)
+    positions = torch.arange(t, device=ctx.query.device)
+    for start in range(0, t, ctx.chunk):
+        sl = slice(start, min(start + ctx.chunk, t))
+        if out is None and not needed[:, sl].any():
+            continue
+        rows = positions[sl].expand(b, -1)
+        probs = attention_rows(ctx, rows)  # [B, H, c, T]
+        if out is not None:
+            out[:, :, sl] = torch.matmul(probs.to(value.dtype), value)
+        head_max = probs.amax(dim=1)  # [B, c, T]
+        cross += (head_max * cross_rows[:, sl, None]).sum(1)
+        self_ += (head_max * self_rows[:, sl, None]).sum(1)
+    cross = cross / cross_rows.sum(1, keepdim=True).clamp(min=1)
+    self_ = self_ / self_rows.sum(1, keepdim=True).clamp(min=1)
+    return cross, self_, out
 
 
 def random_scores(ctx: ScoreContext) -> torch.Tensor:

@@ -31,7 +31,6 @@ from edge_prune.errors import RecipeError
 from edge_prune.fit.calibration import CalibrationSet
 from edge_prune.fit.distributed import Dist
 from edge_prune.recipe import Budget, PruneSpec, Recipe
-from edge_prune.scoring import ScoreContext, fitprune_components
 
 ALPHA_TOLERANCE = 0.01
 
@@ -100,10 +99,7 @@ class FitPruneFitter:
     # ---- statistics ---------------------------------------------------------------------------
     def _layer_components(self, layer_idx: int, ws: WorkingSet):
         layer = self.adapter.layers[layer_idx]
-        out, _, (q, k, scaling) = self.engine.attend(layer, ws)
-        ctx = ScoreContext(layer=layer_idx, query=q, key=k, scaling=scaling, valid=ws.valid, visual=ws.visual,
-                           text_after=ws.text_after, positions=ws.positions, chunk=self.engine.score_chunk)
-        cross, self_ = fitprune_components(ctx)
+        out, _, (_, _, _, (cross, self_)) = self.engine.attend(layer, ws, fitprune_layer=layer_idx)
         ws.hidden = ws.hidden + out
         return cross, self_
 

@@ -194,7 +194,7 @@ class GuideFitter:
         after = ws.valid & (torch.arange(ws.valid.shape[1], device=ws.valid.device)[None] > last_visual[:, None])
         mass = []
         for i, layer in enumerate(self.adapter.layers[self.start:], start=self.start):
-            out, _, (q, k, scaling) = engine.attend(layer, ws)
+            out, _, (q, k, scaling, _) = engine.attend(layer, ws)
             mass.append(self._text_attention(q, k, scaling, ws, after))
             ws.hidden = mlp(layer, ws.hidden + out)
         teacher = torch.log_softmax(pred_logits(engine, ws.hidden, fb.pred), dim=-1)
