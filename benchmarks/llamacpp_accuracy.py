@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shape = load_shape(model_dir)
         report["mapped_schedules"] = []
-        for fr in (0.5, 0.65):
+        # FastV with K=2 reaches at most ~60% on a 6-layer decoder: stay inside that
+        for fr in (0.4, 0.6):
             recipe = baseline_recipe(shape, "fastv", fr, k=2)
             eng_acc, _ = engine_accuracy(model_dir, recipe, items)
             art = args.work / f"fastv-{fr}"
@@ -405,7 +406,7 @@ def render(r: dict[str, Any]) -> str:
     if sbs is None:
         lines += ["", "Side-by-side TTFT against the ExecuTorch runtime: not run (pass --with-executorch).", ""]
     else:
-        et = (f"{sbs['executorch_pruned_int8_ttft_ms']:.1f}" if "executorch_pruned_int8_ttft_ms" in sbs
+        et = (f"{sbs['executorch_pruned_int8_ttft_ms']:.1f} ms" if "executorch_pruned_int8_ttft_ms" in sbs
               else f"failed: {sbs.get('executorch_error', '?')}")
         lines += ["", f"Side-by-side TTFT, same run, {sbs['items']} items, recipe {sbs['recipe']} (llama.cpp maps it "
                   "to one input-level count, ExecuTorch runs it exactly):", "",
