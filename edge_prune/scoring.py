@@ -44,9 +44,7 @@ def attention_rows(ctx: ScoreContext, rows: torch.Tensor) -> torch.Tensor:
     b, h, t, hd = ctx.query.shape
     idx = rows[:, None, :, None].expand(b, h, rows.shape[1], hd)
     q = torch.gather(ctx.query, 2, idx)
-    k = ctx.key
-    if k.shape[1] != h:  # grouped-query attention: each kv head serves h / kvh query heads
-        k = k.repeat_interleave(h // k.shape[1], dim=1)
+    k = _per_query_head(ctx.key, h)
     # In place where possible: a chunk's [B, H, c, T] logits are the largest tensors scoring makes.
     logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(ctx.scaling)
     key_pos = torch.arange(t, device=q.device)
@@ -96,33 +94,47 @@ def fitprune_combine(ctx: ScoreContext, cross: torch.Tensor, self_: torch.Tensor
 
 
 def _fitprune_pass(ctx: ScoreContext, value: torch.Tensor | None):
-    """(cross, self, attention output or None), chunk by chunk of query rows: no full [T, T] map."""
+    """(cross, self, attention output or None), chunk by chunk of query rows: no full [T, T] map.
+
+    Causal attention lets rows [s, e) see keys [0, e) only, so each chunk works on those keys
+    (half the work of all T on average) and masks just its diagonal block (and padding, if any).
+    """
     b, h, t, _ = ctx.query.shape
     cross = torch.zeros(b, t, device=ctx.query.device)
     self_ = torch.zeros(b, t, device=ctx.query.device)
     cross_rows = ctx.text_after & ctx.valid
     self_rows = ctx.visual & ctx.valid
     needed = cross_rows | self_rows
+    key = _per_query_head(ctx.key, h)  # expanded once, not per chunk
     out = None
     if value is not None:
         out = ctx.query.new_empty(b, h, t, value.shape[-1])
-        if value.shape[1] != h:  # grouped-query attention, as in attention_rows
-            value = value.repeat_interleave(h // value.shape[1], dim=1)
-    positions = torch.arange(t, device=ctx.query.device)
+        value = _per_query_head(value, h)
+    padded = not bool(ctx.valid.all())
+    low = torch.finfo(torch.float32).min
     for start in range(0, t, ctx.chunk):
-        sl = slice(start, min(start + ctx.chunk, t))
-        if out is None and not needed[:, sl].any():
+        end = min(start + ctx.chunk, t)
+        if out is None and not needed[:, start:end].any():
             continue
-        rows = positions[sl].expand(b, -1)
-        probs = attention_rows(ctx, rows)  # [B, H, c, T]
+        logits = torch.matmul(ctx.query[:, :, start:end], key[:, :, :end].transpose(-1, -2)).float().mul_(ctx.scaling)
+        diagonal = torch.ones(end - start, end - start, dtype=torch.bool, device=logits.device).tril_()
+        logits[..., start:].masked_fill_(~diagonal, low)
+        if padded:
+            logits.masked_fill_(~ctx.valid[:, None, None, :end], low)
+        probs = torch.softmax(logits, dim=-1)  # [B, H, c, end]
         if out is not None:
-            out[:, :, sl] = torch.matmul(probs.to(value.dtype), value)
-        head_max = probs.amax(dim=1)  # [B, c, T]
-        cross += (head_max * cross_rows[:, sl, None]).sum(1)
-        self_ += (head_max * self_rows[:, sl, None]).sum(1)
+            out[:, :, start:end] = torch.matmul(probs.to(value.dtype), value[:, :, :end])
+        head_max = probs.amax(dim=1)  # [B, c, end]
+        cross[:, :end] += (head_max * cross_rows[:, start:end, None]).sum(1)
+        self_[:, :end] += (head_max * self_rows[:, start:end, None]).sum(1)
     cross = cross / cross_rows.sum(1, keepdim=True).clamp(min=1)
     self_ = self_ / self_rows.sum(1, keepdim=True).clamp(min=1)
     return cross, self_, out
+
+
+def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped-query attention: each kv head serves heads / kv_heads query heads."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
 def random_scores(ctx: ScoreContext) -> torch.Tensor:
