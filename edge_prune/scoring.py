@@ -1,8 +1,9 @@
 """Visual-token importance scorers used at a pruning layer.
 
 Scorers never materialise a full (heads x n x n) attention map: they compute only the query
-rows they need, a chunk of rows at a time, so memory stays O(heads * chunk * n) while the
-layer's own output still comes from fused SDPA.
+rows they need, a chunk of rows at a time, so memory stays O(heads * chunk * n). FastV needs one
+row, beside the layer's fused SDPA; FitPrune needs nearly all rows, so a layer it scores computes
+its own output from the same chunked probabilities (fitprune_attention) instead.
 """
 
 from __future__ import annotations
