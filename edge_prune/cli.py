@@ -183,7 +183,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         engine = PrunedEngine.load(args.model, device=args.device)
         calibration = load_calibration(args.calib, args.n, warn=dist.rank == 0)
         fitter = FitPruneFitter(engine, calibration, args.flops_reduction, accounting=args.accounting,
-                                batch_size=args.batch_size, dist=dist, progress=not args.json)
+                                batch_size=args.batch_size, dist=dist, progress=not args.json,
+                                first_layer=args.first_layer)
         device_budget = None
         if args.profile is not None:
             from edge_prune.predict import device_target
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("fitprune", "lvpruning", "dyvte"), default="fitprune")
     p.add_argument("--flops-reduction", type=float, help="fitprune: e.g. 0.6 for 60%% fewer prefill FLOPs")
     p.add_argument("--accounting", choices=("exact", "fastv", "fitprune"), default="exact")
+    p.add_argument("--first-layer", type=int, default=0,
+                   help="fitprune: first decoder layer after whose attention tokens may drop (1 = FastV's K=2); "
+                        "0 = FitPrune as published")
     p.add_argument("--profile", help="fitprune: fit the smallest reduction that meets this device's budget "
                                      "(see `edge-prune profiles`), with --ttft-ms and/or --peak-rss-mb")
     p.add_argument("--ttft-ms", type=float, help="with --profile: time-to-first-token budget")

@@ -76,6 +76,21 @@ def test_fit_under_paper_accountings(tiny_llava_dir, calib_jsonl, accounting):
     assert estimate(engine.adapter.shape, result.recipe, accounting=accounting, text_tokens=text).flops_reduction >= 0.4
 
 
+def test_first_layer_keeps_every_token_before_it_and_still_meets_the_budget(tiny_llava_dir, calib_jsonl):
+    engine = PrunedEngine.load(tiny_llava_dir)
+    calib = load_calibration(str(calib_jsonl), 4)
+    result = FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False, first_layer=1).fit()
+    assert result.recipe.prune.keep_after[0] == 1.0 and min(result.recipe.prune.keep_after) < 1.0
+    assert result.recipe.provenance["first_layer"] == 1
+    text = result.recipe.provenance["text_tokens"]
+    assert estimate(engine.adapter.shape, result.recipe, text_tokens=text).flops_reduction >= 0.3
+    # the guard costs reach: the budget FitPrune alone meets is out of reach from the last layer
+    with pytest.raises(RecipeError, match=r"from layer 3 on: the largest reachable reduction is \d+\.\d%"):
+        FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False, first_layer=3).fit()
+    with pytest.raises(RecipeError, match="--first-layer 9 must name a decoder layer"):
+        FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False, first_layer=9)
+
+
 def test_unreachable_budget_reports_the_largest(tiny_llava_dir, calib_jsonl):
     engine = PrunedEngine.load(tiny_llava_dir)
     calib = load_calibration(str(calib_jsonl), 2)
