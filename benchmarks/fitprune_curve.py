@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             save_recipe(recipe, ROOT / "recipes", f"{method}-60")
             same_flops.append(SweepEntry(f"{method}-60", recipe, f"K={k}" if method != "pool" else ""))
             break
+    # FitPrune's search with no drop after layer 0, whose attention is positional on this model
+    first1 = FitPruneFitter(engine, calib, 0.6, batch_size=16, progress=False, first_layer=1).fit()
+    save_recipe(first1.recipe, ROOT / "recipes", "fitprune-60-first1")
+    same_flops.append(SweepEntry("fitprune-60-first1", first1.recipe, f"alpha {first1.alpha:.3f}, --first-layer 1"))
     rows60 = run_sweep(args.model, same_flops, n=args.n, engine=engine)
 
     curve_entries = []
@@ -136,6 +140,9 @@ def plot(base, curve, baselines, path: Path) -> None:
             if pts:
                 ax.plot([r["flops_reduction"] * 100 for r in pts], [get(r) * 100 for r in pts], marker + "--",
                         label=method, alpha=0.8)
+        for r in baselines:
+            if r["name"] == "fitprune-60-first1":
+                ax.plot([r["flops_reduction"] * 100], [get(r) * 100], "*", markersize=11, label="FitPrune, --first-layer 1")
         ax.axhline(get(base) * 100, color="grey", linestyle=":", label="unpruned")
         ax.set(xlabel="prefill FLOPs reduction (%, exact)", ylabel="accuracy (%)", title=title)
     axes[0].legend(fontsize=8)
