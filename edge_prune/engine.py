@@ -212,20 +212,8 @@ class PrunedEngine:
         exits: list[int | None] = [None] * len(n_visual)
         caches: list[LayerCache | None] = []
         for i, layer in enumerate(self.adapter.layers):
-            residual = ws.hidden
-            targets = [c[i] for c in counts]
-            present = ws.visual.sum(1).tolist()
-            drops = any(t < p for t, p in zip(targets, present))
-            if i in self.skip:
-                caches.append(None)
-                attn_ctx = None
-            else:
-                score_here = drops and self.recipe.prune.scorer == "fitprune"
-                attn_out, cache, attn_ctx = self.attend(layer, ws, i if score_here else None)
-                caches.append(cache)
-                ws.hidden = residual + attn_out
-            if drops:
-                ws = self._drop(ws, i, attn_ctx, targets)
+            ws, cache = self.attend_and_drop(layer, i, ws, [c[i] for c in counts])
+            caches.append(cache)
             if i in self.exit_layers:
                 ws = self._mlp_and_exit(layer, i, ws, counts, exits)
                 continue
@@ -304,6 +292,20 @@ class PrunedEngine:
         cos, sin = self.adapter.rotary_emb(x, positions)
         q, k = self.adapter.apply_rotary(q, k, cos, sin)
         return q, k, v
+
+    def attend_and_drop(self, layer: torch.nn.Module, i: int, ws: WorkingSet,
+                        targets: list[int]) -> tuple[WorkingSet, LayerCache | None]:
+        """Layer i's attention part (none if the recipe skips it), then the recipe's drop down to
+        `targets` visual tokens per request: (working set for the MLP, the layer's KV cache)."""
+        drops = any(t < p for t, p in zip(targets, ws.visual.sum(1).tolist()))
+        cache = attn_ctx = None
+        if i not in self.skip:
+            score_here = drops and self.recipe.prune.scorer == "fitprune"
+            attn_out, cache, attn_ctx = self.attend(layer, ws, i if score_here else None)
+            ws.hidden = ws.hidden + attn_out
+        if drops:
+            ws = self._drop(ws, i, attn_ctx, targets)
+        return ws, cache
 
     def attend(self, layer: torch.nn.Module, ws: WorkingSet, fitprune_layer: int | None = None):
         """Layer attention over the working set: (output, the layer's KV cache, context for the scorer).

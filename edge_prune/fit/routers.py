@@ -164,13 +164,7 @@ class RouterFitter:
         eligible = torch.zeros(bsz, c, dtype=torch.bool, device=ws.hidden.device)
         exit_logits: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
-            ctx = None
-            if i not in engine.skip:
-                out, _, ctx = engine.attend(layer, ws)
-                ws.hidden = ws.hidden + out
-            targets = [cnt[i] for cnt in counts]
-            if any(t < p for t, p in zip(targets, ws.visual.sum(1).tolist())):
-                ws = engine._drop(ws, i, ctx, targets)
+            ws, _ = engine.attend_and_drop(layer, i, ws, [cnt[i] for cnt in counts])
             ws.hidden = mlp(layer, ws.hidden)
             if i not in self.layers:
                 continue
