@@ -258,6 +258,14 @@ def prefill_breakdown(
     return parts
 
 
+def decoder_layer_flops(shape: ModelShape, tokens: int) -> int:
+    """Exact FLOPs of one unpruned decoder layer over `tokens` tokens (causal attention), as
+    prefill_breakdown counts them."""
+    d, n = shape.hidden_size, tokens
+    proj = n * d * (2 * shape.q_dim + 2 * shape.kv_dim)
+    return 2 * (proj + shape.q_dim * n * (n + 1) + 3 * n * d * shape.intermediate_size)
+
+
 def _module_macs(shape: ModelShape, recipe: Recipe, text_tokens: int, n_visual: int,
                  exit_layer: int | None) -> tuple[int, int]:
     """Multiply-adds of the guides and the exit router for one request (module docstring)."""

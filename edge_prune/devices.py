@@ -27,6 +27,9 @@ class Compute:
     fp16: float
     int8: float
     efficiency: float
+    # fixed time each transformer layer costs beyond its FLOPs (kernel launches, framework dispatch,
+    # small ops): dominates small models and small token counts; optional in profiles (default 0)
+    layer_overhead_ms: float = 0.0
 
     def achieved_flops(self, dtype: str) -> float:
         """FLOP/s the device sustains in prefill for `dtype` (falls back to fp16, then fp32)."""
@@ -132,7 +135,9 @@ def parse_profile(text: str, source: str) -> DeviceProfile:
         raise ProfileError(f"{source}: field 'kind' is {data['kind']!r}, expected one of {', '.join(KINDS)}")
     c = section("compute")
     compute = Compute(*(number(c, d, "compute", allow_zero=True) for d in COMPUTE_DTYPES),
-                      efficiency=number(c, "efficiency", "compute"))
+                      efficiency=number(c, "efficiency", "compute"),
+                      layer_overhead_ms=(number(c, "layer_overhead_ms", "compute", allow_zero=True)
+                                         if "layer_overhead_ms" in c else 0.0))
     if max(compute.fp32, compute.fp16, compute.int8) <= 0:
         raise ProfileError(f"{source}: table [compute] needs at least one dtype with a peak > 0")
     if compute.efficiency > 1:

@@ -1,13 +1,14 @@
 """Training the benchmark model: a tiny smoke run saves a model that loads and generates."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from edge_prune.bench.generator import make_item
+from edge_prune.bench.generator import FAMILIES, make_item
 from edge_prune.bench.tokenizer import IMAGE, build_tokenizer, prompt
 from edge_prune.bench.train import (
     PROBE_FILE,
@@ -87,7 +88,8 @@ def test_default_model_meets_the_design_limits() -> None:
 
 
 def test_look_guide_loss_is_the_attention_mass_on_the_named_objects() -> None:
-    """The guidance loss computed from q/k equals -log(mass) read off transformers' eager attention."""
+    """The guidance loss computed from q/k equals -log(mass) read off transformers' eager attention,
+    for both guided heads; a relation question sends each head to one of its two objects."""
     from edge_prune.bench.train import LookGuide
 
     cfg = TrainConfig(**SMOKE)
@@ -95,21 +97,86 @@ def test_look_guide_loss_is_the_attention_mass_on_the_named_objects() -> None:
     torch.manual_seed(0)
     model = build_model(cfg, tok)
     model.config.text_config._attn_implementation = "eager"
-    guide = LookGuide(model, [1], head=1)
-    batch = make_batch(tok, "train", [0, 1], turns_per_family=3, n_visual=576)
+    guide = LookGuide(model, [1])
+    assert guide.heads == (0, 1)  # smoke model: 2 heads sharing 1 KV head
+    batch = make_batch(tok, "train", [0, 1, 2, 3], turns_per_family=3, n_visual=576, look_heads=2)
     look = batch.pop("look_targets")
     batch.pop("patch_targets")
+    turns = batch.pop("answer_turns")
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
-        loss = guide.loss(batch["input_ids"], model.config.image_token_id, look)
+        loss, read = guide.loss(batch["input_ids"], model.config.image_token_id, look)
+    assert float(read) == 0.0  # no read-out heads given
     is_image = batch["input_ids"] == model.config.image_token_id
     expected = []
-    for row, query, patches in zip(look["row"], look["query"], look["patches"]):
-        weights = out.attentions[1][row, 1, query]
+    for row, query, patches, slot in zip(look["row"], look["query"], look["patches"], look["slot"]):
+        weights = out.attentions[1][row, guide.heads[slot], query]
         image_positions = is_image[row].nonzero().squeeze(1)
         expected.append(-torch.log(weights[image_positions[patches]].sum()))
     assert len(expected) >= 6
     assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+    # relation turns: the two slots look at disjoint patches (one object each); other turns: the same ones
+    relation = {(int(r), int(q)) for r, q, f in turns.tolist() if f == FAMILIES.index("relation")}
+    by_turn: dict = {}
+    for row, query, patches, slot in zip(look["row"], look["query"], look["patches"], look["slot"]):
+        by_turn.setdefault((int(row), int(query)), {})[int(slot)] = patches
+    assert relation and all(t in by_turn for t in relation)
+    for turn, slots in by_turn.items():
+        if turn in relation:
+            assert not (slots[0] & slots[1]).any()
+        elif len(slots) == 2:
+            assert torch.equal(slots[0], slots[1])
+
+
+def test_default_looks_are_the_published_models_one_head_per_layer() -> None:
+    """look_heads=1 (the published model): one look per answer, at every object the question names."""
+    tok = build_tokenizer(TrainConfig().vocab_size)
+    one = make_batch(tok, "train", [0, 1, 2, 3], turns_per_family=3, n_visual=576)
+    two = make_batch(tok, "train", [0, 1, 2, 3], turns_per_family=3, n_visual=576, look_heads=2)
+    l1, l2 = one["look_targets"], two["look_targets"]
+    assert (l1["slot"] == 0).all() and (l2["slot"] == 1).any()
+    for row, query, patches in zip(l1["row"], l1["query"], l1["patches"]):
+        mine = (l2["row"] == row) & (l2["query"] == query)
+        union = l2["patches"][mine].any(0)  # a relation's two split looks together = the single look
+        assert torch.equal(patches, union)
+
+
+def test_look_guide_read_out_sees_the_guided_heads_output() -> None:
+    """The read-out loss is computed from exactly what the guided head passes to o_proj."""
+    from edge_prune.bench.train import READOUT_CLASSES, LookGuide
+
+    cfg = TrainConfig(**SMOKE)
+    tok = build_tokenizer(cfg.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg, tok)
+    guide = LookGuide(model, [1])
+    batch = make_batch(tok, "train", [0, 1], turns_per_family=3, n_visual=576, look_heads=2)
+    look = batch.pop("look_targets")
+    batch.pop("patch_targets")
+    batch.pop("answer_turns")
+    captured = {}
+    model.model.language_model.layers[1].self_attn.o_proj.register_forward_pre_hook(
+        lambda _m, args: captured.__setitem__("out", args[0]))
+    seen = {}
+
+    class Recorder(dict):
+        def __getitem__(self, key):
+            def readout(x):
+                seen[key] = x
+                return torch.zeros(x.shape[0], READOUT_CLASSES[key.split("_", 2)[2]])
+            return readout
+
+    with torch.no_grad():
+        model(**batch)
+        _, read = guide.loss(batch["input_ids"], model.config.image_token_id, look, Recorder())
+    d = cfg.text_hidden // cfg.text_heads
+    heads = torch.tensor(guide.heads)[look["slot"]]
+    reference = captured["out"].view(*captured["out"].shape[:2], -1, d)[look["row"], look["query"], heads]
+    assert torch.allclose(seen["1_0_shape"], reference, atol=1e-5)
+    # single-object looks carry their object's labels; uniform logits give log(classes) per attribute
+    assert (look["attributes"] >= 0).any()
+    expected = sum(math.log(n) for n in READOUT_CLASSES.values()) / len(READOUT_CLASSES)
+    assert float(read) == pytest.approx(expected, rel=1e-5)
 
 
 def test_patch_targets_mark_each_object_and_its_centre() -> None:

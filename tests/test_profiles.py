@@ -141,3 +141,57 @@ def test_required_reduction_is_the_smallest_that_meets_the_ttft_budget():
         required_reduction(shape, jetson, ttft_ms=-1)
     with pytest.raises(ProfileError, match="more than dropping visual tokens can save"):
         required_reduction(shape, jetson, peak_rss_mb=1000, quant="q4_0")
+
+
+def test_profiles_take_an_optional_fixed_cost_per_layer():
+    good = open("profiles/pixel-8.toml").read()
+    assert load_profile("pixel-8").compute.layer_overhead_ms == 0.0
+    with_overhead = good.replace("[compute]\n", "[compute]\nlayer_overhead_ms = 0.5\n")
+    assert parse_profile(with_overhead, "x.toml").compute.layer_overhead_ms == 0.5
+    with pytest.raises(ProfileError, match="field 'compute.layer_overhead_ms' is -1"):
+        parse_profile(good.replace("[compute]\n", "[compute]\nlayer_overhead_ms = -1\n"), "x.toml")
+
+
+def test_fixed_layer_cost_adds_per_layer_run_and_per_drop_and_the_ttft_fit_leaves_it_out():
+    from dataclasses import replace
+
+    from edge_prune.fit.baselines import baseline_recipe
+    from edge_prune.models.shapes import load_shape
+    from edge_prune.predict import predict, required_reduction
+
+    shape, jetson = load_shape(LLAVA_7B), load_profile("jetson-orin-nano-8gb")
+    slow = replace(jetson, compute=replace(jetson.compute, layer_overhead_ms=2.0))
+    recipe = baseline_recipe(shape, "fastv", 0.6, k=2)  # drops once, after layer 1
+    for r, drops in ((None, 0), (recipe, 1)):
+        base, more = predict(shape, r, jetson, quant="q4_0"), predict(shape, r, slow, quant="q4_0")
+        assert more.vision_ms - base.vision_ms == pytest.approx(2.0 * (shape.vision.layers_run + 1))
+        assert more.prefill_ms - base.prefill_ms == pytest.approx(2.0 * (shape.num_layers + drops))
+        assert more.fixed_ms == pytest.approx(2.0 * (shape.vision.layers_run + 1 + shape.num_layers + drops))
+    # the fixed part does not shrink with FLOPs, so the same budget needs a larger reduction
+    assert required_reduction(shape, slow, ttft_ms=1500, quant="q4_0") > required_reduction(shape, jetson, ttft_ms=1500, quant="q4_0")
+    needed = required_reduction(shape, slow, ttft_ms=1500, quant="q4_0")
+    assert predict(shape, baseline_recipe(shape, "fastv", needed, k=2), slow, quant="q4_0").ttft_ms <= 1500 + 2.0
+    with pytest.raises(ProfileError, match="below the .* ms the model's layers cost"):
+        required_reduction(shape, slow, ttft_ms=100, quant="q4_0")
+
+
+def test_host_layer_probe_separates_rate_from_fixed_cost(monkeypatch):
+    """On a 'machine' whose layer takes FLOPs / 2 GFLOP/s + 3 ms, the probe recovers both numbers."""
+    import time
+
+    import edge_prune.predict as predict_mod
+    from edge_prune.cost import decoder_layer_flops
+    from edge_prune.models.shapes import load_shape
+
+    shape = load_shape("benchmarks/models/toyvqa-llava")
+
+    def fake_layer(_shape):
+        def run(tokens, chain=predict_mod.PROBE_CHAIN):
+            for _ in range(chain):
+                time.sleep(decoder_layer_flops(shape, tokens) / 2e9 + 0.003)
+        return run
+
+    monkeypatch.setattr(predict_mod, "_torch_layer", fake_layer)
+    rate, fixed_ms = predict_mod._layer_probe(shape, 300, seconds=0.5)
+    assert rate == pytest.approx(2e9, rel=0.15)
+    assert fixed_ms == pytest.approx(3.0, rel=0.2)
