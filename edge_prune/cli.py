@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="guide/router inner width (default: largest within budget)")
     p.add_argument("--steps", type=int, default=200, help="lvpruning: optimiser steps")
     p.add_argument("--micro-batch", type=int, default=4, help="lvpruning: samples per forward pass")
+    p.add_argument("--attention-distill", type=float, default=0.0,
+                   help="lvpruning: weight of an attention-distillation term next to the answer KL (default 0: KL only)")
     p.add_argument("--lr", type=float, help="learning rate (lvpruning 3e-3, dyvte 1e-2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exit-layers", help="dyvte: candidate layers, e.g. 1,2,3 (default: all but the last)")

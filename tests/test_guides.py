@@ -272,7 +272,8 @@ def test_training_lowers_the_pruned_models_loss(engine, calib):
 
 def test_attention_distillation_term_is_learned(engine, calib):
     """The auxiliary listwise cross-entropy (hard-pruned forward, fixed batches) falls with training."""
-    config = GuideConfig(parse_schedule(SCHEDULE, 4), steps=12, batch_size=8, micro_batch=4, lr=2e-2)
+    config = GuideConfig(parse_schedule(SCHEDULE, 4), steps=12, batch_size=8, micro_batch=4, lr=2e-2,
+                         attention_distill=0.5)
     fitter = GuideFitter(engine, load_calibration(str(calib), 16), config, progress=False)
     preps = [fitter._prepare(m) for m in fitter.micro]
 

@@ -51,7 +51,7 @@ def fit_learned(args: argparse.Namespace) -> int:
             calibration = load_calibration(args.calib, args.n, warn=dist.rank == 0)
             config = GuideConfig(schedule=schedule, rank=args.rank, steps=args.steps, batch_size=args.batch_size,
                                  micro_batch=min(args.micro_batch, args.batch_size), lr=args.lr or 3e-3,
-                                 seed=args.seed)
+                                 seed=args.seed, attention_distill=args.attention_distill)
             fitter = GuideFitter(engine, calibration, config, dist=dist, progress=not args.json, work_dir=folder)
             result = fitter.fit()
             p = result.recipe.provenance
