@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         engine.generate(text, item.image, max_new_tokens=1)  # warm-up
     # Probe and measurements interleaved round by round: on a shared 2-core machine speed drifts by
     # ±20% over a minute, and a probe taken before or after the measurements inherits that drift.
+    host_profile = load_profile("host")
     for _ in tqdm(range(args.runs), desc="rounds"):
-        host = calibrate_host(load_profile("host"), shape, text_tokens, seconds=args.probe_seconds)
+        host = calibrate_host(host_profile, shape, text_tokens, seconds=args.probe_seconds)
         probes.append((host.compute.fp32, host.compute.layer_overhead_ms))
         for name, engine in engines.items():
             t = engine.generate(text, item.image, max_new_tokens=1).timings

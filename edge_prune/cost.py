@@ -236,12 +236,11 @@ def prefill_breakdown(
             shape.projector_hidden_features * shape.projector_out_features
         )
         parts["projector"] = crops * shape.num_visual_tokens * per_token
-        proj_width = 2 * shape.q_dim + 2 * shape.kv_dim  # q and o use q_dim, k and v use kv_dim
         for i in active:
-            n = sched.attention_tokens(i)
-            parts["attention_projections"] += n * d * proj_width
-            parts["attention_scores"] += shape.q_dim * n * (n + 1)  # QK^T + AV, causal n(n+1)/2 each
-        parts["mlp"] = sum(3 * sched.mlp_tokens(i) * d * m for i in range(sched.num_layers))
+            projections, scores = _attention_macs(shape, sched.attention_tokens(i))
+            parts["attention_projections"] += projections
+            parts["attention_scores"] += scores
+        parts["mlp"] = sum(_mlp_macs(shape, sched.mlp_tokens(i)) for i in range(sched.num_layers))
         parts["lm_head"] = d * shape.vocab_size
         if isinstance(pruning, Recipe):
             parts["guides"], parts["exit_router"] = _module_macs(shape, pruning, text_tokens, n_visual, exit_layer)
@@ -258,12 +257,19 @@ def prefill_breakdown(
     return parts
 
 
+def _attention_macs(shape: ModelShape, n: int) -> tuple[int, int]:
+    """Multiply-adds of one layer's attention over n tokens: (q/k/v/o projections, causal scores)."""
+    proj_width = 2 * shape.q_dim + 2 * shape.kv_dim  # q and o use q_dim, k and v use kv_dim
+    return n * shape.hidden_size * proj_width, shape.q_dim * n * (n + 1)  # QK^T + AV, causal n(n+1)/2 each
+
+
+def _mlp_macs(shape: ModelShape, n: int) -> int:
+    return 3 * n * shape.hidden_size * shape.intermediate_size  # SwiGLU: gate, up, down
+
+
 def decoder_layer_flops(shape: ModelShape, tokens: int) -> int:
-    """Exact FLOPs of one unpruned decoder layer over `tokens` tokens (causal attention), as
-    prefill_breakdown counts them."""
-    d, n = shape.hidden_size, tokens
-    proj = n * d * (2 * shape.q_dim + 2 * shape.kv_dim)
-    return 2 * (proj + shape.q_dim * n * (n + 1) + 3 * n * d * shape.intermediate_size)
+    """Exact FLOPs of one unpruned decoder layer over `tokens` tokens, as prefill_breakdown counts them."""
+    return 2 * (sum(_attention_macs(shape, tokens)) + _mlp_macs(shape, tokens))
 
 
 def _module_macs(shape: ModelShape, recipe: Recipe, text_tokens: int, n_visual: int,

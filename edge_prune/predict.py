@@ -136,7 +136,7 @@ PROBE_CHAIN = 4  # layers run back to back per timed call (one layer alone ran ~
 
 
 def _layer_probe(shape: ModelShape, tokens: int, seconds: float) -> tuple[float, float]:
-    """(FLOP/s, ms per layer) from timing one random decoder layer at `tokens`, half and a quarter of them.
+    """(FLOP/s, ms per layer) from timing a random decoder layer at `tokens`, a quarter and a sixteenth of them.
 
     A bare GEMM probe reaches far more FLOP/s than a layer does: attention with small heads, norms,
     RoPE and dispatch cost time the FLOPs do not count (the benchmark model's 128-wide layers measured
