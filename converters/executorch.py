@@ -154,52 +154,76 @@ class DecoderParts(nn.Module):
         d = adapter.text_config.hidden_size
         dtype = adapter.embed_tokens.weight.dtype
         self.register_buffer("mean_weight", torch.full((1, d), 1.0 / d, dtype=dtype), persistent=False)
+        rotation = _rotate_half_matrix(self.head_dim, dtype)  # x @ R; a linear's weight is R^T
+        self.rotate_half: torch.Tensor | None
+        if _applies_rotate_half(self.apply_rotary, rotation):
+            self.register_buffer("rotate_half", rotation.T.contiguous(), persistent=False)
+        else:  # a decoder family with another RoPE layout: its own helper, slices and all
+            self.rotate_half = None
         self.cache = KVCache(spec.seen, spec.text_capacity, self.skip, self.kv_heads, self.head_dim,
                              adapter.embed_tokens.weight.dtype)
 
-    def qkv(self, i: int, x: torch.Tensor, positions: torch.Tensor):
-        attn = self.layers[i].self_attn
-        n = x.shape[1]
-        q = attn.q_proj(x).view(1, n, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, n, 1, hd] for `positions` [1, n]: computed once per prefill, again after a drop."""
         cos, sin = self.rotary_emb(x, positions)
-        q, k = self.apply_rotary(q, k, cos, sin)
-        return q, k, v
+        return cos[:, :, None], sin[:, :, None]
+
+    def qkv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """q [KVH, G*n, hd] (grouped, see `grouped`; scaled by the layer's 1/sqrt(hd)), k and v [1, KVH, n, hd].
+
+        Written for the delegate: with the text length dynamic, XNNPACK lowers a reshape only when its
+        one dynamic dimension is spelled -1, and lowers no slice, expand or 4-d matmul of a dynamic
+        tensor; what it does not take runs as a single-threaded portable kernel (a real copy) between
+        two partitions. So heads are split with -1 reshapes and attention uses 3-d bmm.
+        """
+        attn = self.layers[i].self_attn
+        cos, sin = rope
+        q = self.rotate(attn.q_proj(x).view(1, -1, self.heads, self.head_dim), cos, sin)
+        k = self.rotate(attn.k_proj(x).view(1, -1, self.kv_heads, self.head_dim), cos, sin)
+        v = attn.v_proj(x).view(1, -1, self.kv_heads, self.head_dim)
+        return self.grouped(q.transpose(1, 2) * attn.scaling), k.transpose(1, 2), v.transpose(1, 2)
+
+    def rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of t [1, n, heads, hd] as the model applies it; rotate_half as a linear by a signed
+        permutation (exact: one nonzero term per output) instead of two slices and a cat."""
+        if self.rotate_half is None:  # another RoPE layout: the model's own helper, in its [1, heads, n, hd] layout
+            return self.apply_rotary(t.transpose(1, 2), t.transpose(1, 2), cos[:, :, 0], sin[:, :, 0])[0].transpose(1, 2)
+        return t * cos + torch.nn.functional.linear(t, self.rotate_half) * sin
 
     def grouped(self, t: torch.Tensor) -> torch.Tensor:
-        """[1, H, Q, x] -> [1, KVH, G*Q, x]: the query heads that share a kv head, stacked along the rows.
+        """[1, H, Q, hd] -> [KVH, G*Q, hd]: the query heads that share a kv head, stacked along the rows.
 
         Grouped-query attention without repeating K/V (head h reads kv head h // G, as HF's
-        repeat_kv); the matmuls stay plain batched matmuls the delegate takes whole.
+        repeat_kv); logits and probabilities stay in this layout, [KVH, G*Q, K]: regrouping them,
+        with Q and K both dynamic, would be a portable copy of the layer's largest tensor.
         """
-        return t.reshape(1, self.kv_heads, -1, t.shape[-1])
+        return t.reshape(self.kv_heads, -1, self.head_dim)
 
-    def ungrouped(self, t: torch.Tensor, rows: int) -> torch.Tensor:
-        return t.reshape(1, self.heads, rows, t.shape[-1])
+    def ungrouped_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """Grouped probabilities [KVH, G*Q, K] -> [1, H, Q, K], for the scorers (a copy: scoring layers only)."""
+        return probs.reshape(1, self.heads, -1, probs.shape[-1])
 
     def rms_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """HF's RMSNorm, the mean of squares as a matmul by 1/d: XNNPACK takes a linear, not mean.dim."""
         mean_sq = torch.nn.functional.linear(x * x, self.mean_weight)
         return norm.weight * (x * torch.rsqrt(mean_sq + norm.variance_epsilon))
 
-    def attention_probs(self, i: int, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Softmax attention [1, H, Q, K] (float32). `bias` is 0 where a key is visible and the float minimum
-        elsewhere: an add, not a masked_fill, so the delegate keeps the whole attention in one partition."""
-        scaling = self.layers[i].self_attn.scaling
-        rows = q.shape[2]
-        logits = self.ungrouped(torch.matmul(self.grouped(q), k.transpose(-1, -2)), rows) * scaling
-        return torch.softmax((logits + bias).float(), dim=-1)
+    def attention_probs(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Softmax attention [KVH, G*Q, K] (float32) of grouped, scaled q and keys k [1, KVH, K, hd].
+        `bias` [G*Q, K] (see `bias`) is 0 where a key is visible and the float minimum elsewhere: an add,
+        not a masked_fill, so the delegate keeps the whole attention in one partition."""
+        keys = k.reshape(self.kv_heads, -1, self.head_dim).transpose(1, 2)
+        return torch.softmax((torch.bmm(q, keys) + bias).float(), dim=-1)
 
     def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """probs [1, H, Q, K] x values [1, KVH, K, hd] -> [1, Q, H * hd]."""
-        rows = probs.shape[2]
-        out = self.ungrouped(torch.matmul(self.grouped(probs.to(v.dtype)), v), rows)
-        return out.transpose(1, 2).reshape(1, rows, -1)
+        """Grouped probs [KVH, G*Q, K] x values [1, KVH, K, hd] -> [1, Q, H * hd]."""
+        values = v.reshape(self.kv_heads, -1, self.head_dim)
+        out = torch.bmm(probs.to(v.dtype), values).reshape(self.heads, -1, self.head_dim)
+        return out.transpose(0, 1).reshape(1, -1, self.heads * self.head_dim)
 
-    @staticmethod
-    def bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (~allowed).to(dtype) * torch.finfo(dtype).min
+    def bias(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [G*Q, K] for the grouped rows from `allowed` [Q, K] (row g*Q + j is query j)."""
+        return ((~allowed).to(dtype) * torch.finfo(dtype).min).repeat(self.heads // self.kv_heads, 1)
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.rms_norm(self.norm, last_hidden)).float()
@@ -247,13 +271,16 @@ class Prefill(nn.Module):
             after = torch.zeros_like(after)
         x = torch.cat([x_vis, x_text], dim=1)
         pos = torch.cat([pos_vis, pos_text], dim=1)
+        bias = rope = None  # the causal mask and RoPE tables: the same until tokens are dropped
         for i in range(self.start, self.end):
             n_vis = x.shape[1] - t
             layer = p.layers[i]
             probs = None
             if i not in p.skip:
-                q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, x), pos)
-                probs = p.attention_probs(i, q, k, p.bias(pos[0][None, :] <= pos[0][:, None], q.dtype))
+                if bias is None:
+                    bias, rope = p.bias(pos[0][None, :] <= pos[0][:, None], x.dtype), p.rope(x, pos)
+                q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, x), rope)
+                probs = p.attention_probs(q, k, bias)
                 self._write_cache(i, k, v, n_vis)
                 x = x + layer.self_attn.o_proj(p.attend(probs, v))
             target = spec.kept[i] if self.mode == "image" else 0
@@ -261,6 +288,7 @@ class Prefill(nn.Module):
                 keep = self._select(self._scores(i, probs, x, pos, n_vis, after), target)
                 x = torch.cat([x[:, :n_vis].index_select(1, keep), x[:, n_vis:]], dim=1)
                 pos = torch.cat([pos[:, :n_vis].index_select(1, keep), pos[:, n_vis:]], dim=1)
+                bias = rope = None
             x = x + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x))
         n_vis = x.shape[1] - t
         extra: tuple[torch.Tensor, ...] = ()
@@ -307,6 +335,7 @@ class Prefill(nn.Module):
             return self.parts.guides.scores(i, x, visual, text)[0, :n_vis]
         if probs is None:
             raise RecipeError(f"scorer {scorer!r} drops tokens at layer {i}, whose attention is skipped")
+        probs = self.parts.ungrouped_probs(probs)
         if scorer == "fastv":  # attention the prompt's last token pays each token, mean over heads
             return probs[0, :, -1, :n_vis].mean(dim=0)
         if scorer == "fitprune":  # cross x self, head-max (scoring.fitprune_scores)
@@ -330,6 +359,25 @@ class Prefill(nn.Module):
         return torch.topk((n - idx).float() * keep.float(), count).indices
 
 
+def _rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """R with x @ R == cat(-x[half:], x[:half]) (transformers' rotate_half)."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim, dtype=dtype)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    return r
+
+
+def _applies_rotate_half(apply_rotary: Callable, rotation: torch.Tensor) -> bool:
+    """Whether the model's RoPE helper is q * cos + rotate_half(q) * sin (every Llama-family decoder)."""
+    gen = torch.Generator().manual_seed(0)
+    d = rotation.shape[0]
+    q = torch.randn(1, 2, 3, d, generator=gen, dtype=rotation.dtype)
+    cos, sin = (torch.randn(1, 3, d, generator=gen, dtype=rotation.dtype) for _ in range(2))
+    theirs = apply_rotary(q, q, cos, sin)[0]
+    return torch.allclose(theirs, q * cos[:, None] + torch.matmul(q, rotation) * sin[:, None], atol=1e-6)
+
+
 def _position_hash(seed: int, layer: int, positions: torch.Tensor) -> torch.Tensor:
     """scoring.position_hash_uniform, spelled with ops ExecuTorch's portable kernels have."""
     x = (positions.long() * 2654435761 + seed * 97531 + layer * 7919) % 2**32
@@ -351,19 +399,20 @@ class Decode(nn.Module):
         p, spec = self.parts, self.parts.spec
         h = p.embed_tokens(token)
         pos = position.view(1, 1)
+        rope = p.rope(h, pos)
         for i, layer in enumerate(p.layers):
             if i not in p.skip:
                 kc, vc = p.cache.kv(i)
                 seen = spec.seen[i]
                 slot = seen + text_len
-                q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, h), pos)
+                q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, h), rope)
                 # Attend over [cache ; new key] and write the cache on the side, so the cache update is not
                 # on the layer's critical path and the delegate sees one chain per layer.
                 idx = torch.arange(kc.shape[2])
                 cached = (idx < visual_len[i]) | ((idx >= seen) & (idx < slot))
                 allowed = torch.cat([cached, torch.ones(1, dtype=torch.bool)])[None, :]
                 keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
-                probs = p.attention_probs(i, q, keys, p.bias(allowed, q.dtype))
+                probs = p.attention_probs(q, keys, p.bias(allowed, q.dtype))
                 kc[:, :, slot] = k
                 vc[:, :, slot] = v
                 h = h + layer.self_attn.o_proj(p.attend(probs, values))
