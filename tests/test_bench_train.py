@@ -103,6 +103,7 @@ def test_look_guide_loss_is_the_attention_mass_on_the_named_objects() -> None:
     look = batch.pop("look_targets")
     batch.pop("patch_targets")
     turns = batch.pop("answer_turns")
+    batch.pop("answer_queries")
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
         loss, read = guide.loss(batch["input_ids"], model.config.image_token_id, look)
@@ -154,6 +155,7 @@ def test_look_guide_read_out_sees_the_guided_heads_output() -> None:
     look = batch.pop("look_targets")
     batch.pop("patch_targets")
     batch.pop("answer_turns")
+    batch.pop("answer_queries")
     captured = {}
     model.model.language_model.layers[1].self_attn.o_proj.register_forward_pre_hook(
         lambda _m, args: captured.__setitem__("out", args[0]))
@@ -177,6 +179,48 @@ def test_look_guide_read_out_sees_the_guided_heads_output() -> None:
     assert (look["attributes"] >= 0).any()
     expected = sum(math.log(n) for n in READOUT_CLASSES.values()) / len(READOUT_CLASSES)
     assert float(read) == pytest.approx(expected, rel=1e-5)
+
+
+def test_named_attributes_are_the_questions_colour_and_shape_words_in_order() -> None:
+    from edge_prune.bench.generator import COLOURS, SHAPES
+    from edge_prune.bench.train import named_attributes
+
+    c, s = list(COLOURS).index, SHAPES.index
+    no_c, no_s = len(COLOURS), len(SHAPES)
+    assert named_attributes("What shape is the red object?") == [c("red"), no_s, no_c, no_s]
+    assert named_attributes("What colour is the cross?") == [no_c, s("cross"), no_c, no_s]
+    assert named_attributes("How many objects are there?") == [no_c, no_s, no_c, no_s]
+    assert named_attributes("Where is the blue circle relative to the red square?") == [
+        c("blue"), s("circle"), c("red"), s("square")]
+
+
+def test_query_read_out_sees_the_predicting_token_entering_the_look_layer() -> None:
+    """The query loss reads each answer-predicting token's residual entering a look layer, after
+    that layer's input norm; its gradient trains the layers below, not the look layer itself."""
+    from edge_prune.bench.train import QUERY_CLASSES, LookGuide, PatchProbe
+
+    cfg = TrainConfig(**SMOKE)
+    tok = build_tokenizer(cfg.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg, tok)
+    guide = LookGuide(model, [1])
+    probe = PatchProbe(cfg.text_hidden, query_keys=LookGuide.query_keys([1]))
+    batch = make_batch(tok, "train", [0, 1], turns_per_family=3, n_visual=576)
+    for key in ("look_targets", "patch_targets"):
+        batch.pop(key)
+    turns, named = batch.pop("answer_turns"), batch.pop("answer_queries")
+    assert named.shape == (len(turns), 4)
+    out = model(**batch, output_hidden_states=True)
+    loss = guide.query_loss(turns, named, probe.query)
+    layer = model.model.language_model.layers[1]
+    rows, pos, family = turns.unbind(1)
+    seen = layer.input_layernorm(out.hidden_states[1][rows, pos])
+    expected = torch.stack([torch.nn.functional.cross_entropy(probe.query[f"1_{k}"](seen), y) for k, y in
+                            zip(QUERY_CLASSES, [*named.unbind(1), family])]).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    assert model.model.language_model.layers[0].self_attn.o_proj.weight.grad.abs().sum() > 0
+    assert layer.self_attn.q_proj.weight.grad is None
 
 
 def test_patch_targets_mark_each_object_and_its_centre() -> None:

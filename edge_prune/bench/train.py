@@ -84,6 +84,9 @@ class TrainConfig:
     look_heads: int = 1
     # read-out loss on the guided heads' outputs (see LookGuide); 0 = off (the published model)
     readout_weight: float = 0.0
+    # read-out loss on what the predicting token's query can see entering each look layer: the colour
+    # and shape words the question names, and its family (see QUERY_CLASSES); 0 = off
+    query_weight: float = 0.0
     # penalty on the squared RMS of the last hidden state (before the final norm) at text positions
     # (see text_residual_penalty); 0 = off
     residual_weight: float = 1e-2
@@ -227,7 +230,7 @@ def make_batch(
 ) -> dict[str, torch.Tensor]:
     """Padded batch of conversations; labels are -100 everywhere except answer tokens and </s>.
     `look_targets` has one look per answer and guided head (see LookGuide and TrainConfig.look_heads)."""
-    images, ids, labels, targets, looks, turns = [], [], [], [], [], []
+    images, ids, labels, targets, looks, turns, queries = [], [], [], [], [], [], []
     patch = IMAGE_SIZE // math.isqrt(n_visual)
     for r, index in enumerate(indices):
         image, qas = make_conversation(split, index, turns_per_family, max_objects)
@@ -245,6 +248,7 @@ def make_batch(
                     first.setdefault(j, k)
         owner = target.owner.reshape(-1)
         turns += [(r, first[j] - 1, FAMILIES.index(qa.family)) for j, qa in enumerate(qas) if j in first]
+        queries += [named_attributes(qa.question) for j, qa in enumerate(qas) if j in first]
         for j, qa in enumerate(qas):
             if not qa.objects or j not in first:
                 continue
@@ -281,7 +285,23 @@ def make_batch(
             "attributes": torch.tensor([x[4] for x in looks], dtype=torch.long).reshape(-1, len(READOUT_CLASSES))}
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values(images),
             "patch_targets": probe, "look_targets": look,
-            "answer_turns": torch.tensor(turns, dtype=torch.long).reshape(-1, 3)}  # (row, predicting pos, family)
+            "answer_turns": torch.tensor(turns, dtype=torch.long).reshape(-1, 3),  # (row, predicting pos, family)
+            "answer_queries": torch.tensor(queries, dtype=torch.long).reshape(-1, len(NAMED_SLOTS))}  # see named_attributes
+
+
+# the colour and shape words a question names, in order (a relation names two objects): what the
+# predicting token must gather from the question before a look layer can find the object
+NAMED_SLOTS = {"colour0": len(COLOURS) + 1, "shape0": len(SHAPES) + 1, "colour1": len(COLOURS) + 1, "shape1": len(SHAPES) + 1}
+QUERY_CLASSES = {**NAMED_SLOTS, "family": len(FAMILIES)}
+
+
+def named_attributes(question: str) -> list[int]:
+    """[colour0, shape0, colour1, shape1] named by `question`, in order of appearance; a slot the
+    question leaves open is the extra class (len(COLOURS) or len(SHAPES))."""
+    words = question.rstrip("?").split()
+    colours = [list(COLOURS).index(w) for w in words if w in COLOURS] + [len(COLOURS)] * 2
+    shapes = [SHAPES.index(w) for w in words if w in SHAPES] + [len(SHAPES)] * 2
+    return [colours[0], shapes[0], colours[1], shapes[1]]
 
 
 # what a guided head's output must say about the one object it looks at (see LookGuide): -100 = not asked
@@ -330,6 +350,29 @@ class LookGuide:
     @staticmethod
     def readout_keys(layers: Sequence[int], heads: int) -> list[str]:
         return [f"{i}_{slot}_{name}" for i in layers for slot in range(heads) for name in READOUT_CLASSES]
+
+    @staticmethod
+    def query_keys(layers: Sequence[int]) -> list[str]:
+        return [f"{i}_{name}" for i in layers for name in QUERY_CLASSES]
+
+    def query_loss(self, turns: torch.Tensor, named: torch.Tensor, heads: torch.nn.ModuleDict) -> torch.Tensor:
+        """Cross-entropy of linear read-outs, at each answer-predicting token entering each look layer
+        (after its input norm: what the query projection sees), of the question's named colours and
+        shapes (`named`, see named_attributes) and family. Call before `loss`, which consumes the capture.
+
+        Run 12's guided heads put 98% of their attention on the right object when a question names
+        a shape, but ~30% (no better than spreading it over every object) when it names a colour: a
+        linear probe of the predicting token's residual read the named colour at chance (17-32%)
+        entering layers 1-3. The value path was not the problem (the head's output renormalised
+        over the right object gave the shape 100%); the question never reached the query.
+        """
+        rows, pos, family = turns.unbind(1)
+        targets = {**{k: named[:, a] for a, k in enumerate(NAMED_SLOTS)}, "family": family}
+        losses = []
+        for i, attn in self.attn.items():
+            seen = self.captured[i][0][rows, pos]  # the attention's input: after the layer's input norm
+            losses += [torch.nn.functional.cross_entropy(heads[f"{i}_{k}"](seen), y) for k, y in targets.items()]
+        return torch.stack(losses).mean()
 
     def _capture(self, i: int):
         def hook(_module, args, kwargs):
@@ -405,12 +448,14 @@ class PatchProbe(torch.nn.Module):
     only has to learn to find them. The published model is a plain LLaVA.
     """
 
-    def __init__(self, hidden: int, head_dim: int = 0, readout_keys: Sequence[str] = ()) -> None:
+    def __init__(self, hidden: int, head_dim: int = 0, readout_keys: Sequence[str] = (), query_keys: Sequence[str] = ()) -> None:
         super().__init__()
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in PROBE_CLASSES.items()})
         # LookGuide's read-outs of the guided heads' outputs, keyed layer_slot_attribute
         self.readout = torch.nn.ModuleDict({k: torch.nn.Linear(head_dim, READOUT_CLASSES[k.split("_", 2)[2]])
                                             for k in readout_keys})
+        # LookGuide's query read-outs of the predicting token entering a look layer, keyed layer_slot
+        self.query = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, QUERY_CLASSES[k.split("_", 1)[1]]) for k in query_keys})
         # the same questions about each object, from the mean of its patches: what the decoder reads
         # when it attends to an object. Interior patches of a square and a circle look alike, so a
         # per-patch shape read-out alone stayed at chance; the pooled one learns from the edges.
@@ -678,7 +723,7 @@ def scale_visual_tokens(model: LlavaForConditionalGeneration, norm: float, probe
     last.bias.mul_(factor)
     if probe is not None:
         for name, layer in probe.named_modules():
-            if isinstance(layer, torch.nn.Linear) and not name.startswith("readout."):  # those read heads, not features
+            if isinstance(layer, torch.nn.Linear) and not name.startswith(("readout.", "query.")):  # those read heads, not features
                 layer.weight.div_(factor)
     return factor
 
@@ -722,11 +767,12 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         raise ValueError(f"--look-heads must be 1 or 2, got {cfg.look_heads}")
     readout_keys = (LookGuide.readout_keys(look_layers, cfg.look_heads)
                     if cfg.look_weight > 0 and cfg.readout_weight > 0 else [])
-    probe = PatchProbe(cfg.text_hidden, cfg.text_hidden // cfg.text_heads, readout_keys)
+    query_keys = LookGuide.query_keys(look_layers) if cfg.look_weight > 0 and cfg.query_weight > 0 else []
+    probe = PatchProbe(cfg.text_hidden, cfg.text_hidden // cfg.text_heads, readout_keys, query_keys)
     if cfg.init_from and (Path(cfg.init_from) / PROBE_FILE).exists():
-        # a stage-1 save has no read-out heads yet (stage 1 trains no decoder): they start fresh
+        # a stage-1 save has no read-out or query heads yet (stage 1 trains no decoder): they start fresh
         missing, unexpected = probe.load_state_dict(load_file(str(Path(cfg.init_from) / PROBE_FILE)), strict=False)
-        if unexpected or any(not k.startswith("readout.") for k in missing):
+        if unexpected or any(not k.startswith(("readout.", "query.")) for k in missing):
             raise ValueError(f"{cfg.init_from}/{PROBE_FILE} does not match this configuration's probe "
                              f"(missing {missing}, unexpected {unexpected})")
     captured: dict[str, torch.Tensor] = {}
@@ -783,6 +829,7 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         targets = batch.pop("patch_targets")
         look = batch.pop("look_targets")
         turns = batch.pop("answer_turns")
+        named = batch.pop("answer_queries")
         n_threads = tuner.threads_for(step)
         t_step = time.time()
         out_step = model(**batch)
@@ -794,12 +841,13 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
                 v = float(word[fam == f].mean())
                 fam_ema[f] = v if f not in fam_ema else 0.9 * fam_ema[f] + 0.1 * v
         aux = probe.loss(captured.pop("features"), targets) if cfg.aux_weight > 0 else answer_loss.new_zeros(())
+        asked = guide.query_loss(turns, named, probe.query) if query_keys else answer_loss.new_zeros(())
         looked, read = (guide.loss(batch["input_ids"], model.config.image_token_id, look, probe.readout if readout_keys else None)
                         if guide else (answer_loss.new_zeros(()), answer_loss.new_zeros(())))
         text = (batch["attention_mask"] > 0) & (batch["input_ids"] != model.config.image_token_id)
         residual = text_residual_penalty(captured.pop("last_hidden"), text)
         loss = (answer_loss + cfg.aux_weight * aux + cfg.look_weight * looked + cfg.readout_weight * read
-                + cfg.residual_weight * residual)
+                + cfg.query_weight * asked + cfg.residual_weight * residual)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -810,10 +858,10 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
         now = time.time()
         if step % 10 == 0 or step == cfg.steps - 1:
-            log({"event": "step", "step": step, "loss": lv, "loss_ema": ema, "probe_loss": float(aux), "look_loss": float(looked), "readout_loss": float(read), "residual_rms2": float(residual), "lr": lr,
+            log({"event": "step", "step": step, "loss": lv, "loss_ema": ema, "probe_loss": float(aux), "look_loss": float(looked), "readout_loss": float(read), "query_loss": float(asked), "residual_rms2": float(residual), "lr": lr,
                  "progress": progress, "grad_norm": gnorm, "elapsed_s": now - t0, "threads": n_threads, "max_objects": max_objects,
                  "family_answer_loss": {FAMILIES[f]: v for f, v in sorted(fam_ema.items())}},
-                f"step {step:5d} loss {lv:.4f} ema {ema:.4f} probe {float(aux):.3f} look {float(looked):.3f} read {float(read):.3f} rms2 {float(residual):.1f} lr {lr:.2e} prog {progress:.3f} gnorm {gnorm:.2f} "
+                f"step {step:5d} loss {lv:.4f} ema {ema:.4f} probe {float(aux):.3f} look {float(looked):.3f} read {float(read):.3f} query {float(asked):.3f} rms2 {float(residual):.1f} lr {lr:.2e} prog {progress:.3f} gnorm {gnorm:.2f} "
                 f"t {now - t0:.0f}s ({(now - t0) / (step + 1):.2f}s/step, {n_threads} thr)\n    answer loss by family: "
                 + " ".join(f"{FAMILIES[f]} {v:.2f}" for f, v in sorted(fam_ema.items())))
         out_of_time = _progress(step, now - t0, cfg) >= 1.0 and step + 1 < cfg.steps
