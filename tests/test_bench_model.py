@@ -29,6 +29,18 @@ def test_committed_model_is_a_complete_fp16_llava_within_the_design_limits() -> 
     assert prefill_flops(model, 600).vision_share <= 0.15
 
 
+def test_training_defaults_are_the_committed_models_settings() -> None:
+    """`edge-prune bench train` with no options reproduces the committed run, whose stage 1 and joint
+    stage ran as two processes (--init-from the stage-1 save, --tower-minutes 0, --max-minutes 78)."""
+    from dataclasses import asdict
+
+    run = json.loads((BENCH_MODEL / "training_run.json").read_text())
+    split = {"init_from", "tower_minutes", "max_minutes"}
+    defaults = {k: v for k, v in asdict(TrainConfig()).items() if k not in split}
+    assert {k: v for k, v in run["config"].items() if k not in split} == defaults
+    assert run["config"]["max_minutes"] + TrainConfig.tower_minutes == TrainConfig.max_minutes
+
+
 @pytest.fixture(scope="module")
 def unpruned_and_ablated():
     kw = dict(n=70, batch_size=14, timing_items=1, progress=False)

@@ -129,8 +129,9 @@ def test_look_guide_loss_is_the_attention_mass_on_the_named_objects() -> None:
             assert torch.equal(slots[0], slots[1])
 
 
-def test_default_looks_are_the_published_models_one_head_per_layer() -> None:
-    """look_heads=1 (the published model): one look per answer, at every object the question names."""
+def test_one_guided_head_looks_at_every_named_object_two_split_a_relation() -> None:
+    """look_heads=1: one look per answer, at every object the question names; look_heads=2 (the
+    default) splits a relation's two objects between the heads, and their union is that look."""
     tok = build_tokenizer(TrainConfig().vocab_size)
     one = make_batch(tok, "train", [0, 1, 2, 3], turns_per_family=3, n_visual=576)
     two = make_batch(tok, "train", [0, 1, 2, 3], turns_per_family=3, n_visual=576, look_heads=2)

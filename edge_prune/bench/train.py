@@ -78,15 +78,17 @@ class TrainConfig:
     rope_theta: float = 10000.0
     look_weight: float = 0.5  # attention guidance at answer tokens (see LookGuide); 0 = off
     look_layers: str = "1,3"
-    # guided heads per look layer: 1 = head 0 looks at every object a question names (the published
-    # model); 2 = also the first head of the second KV group, and a relation's two objects are split
-    # between them (run 15: relation answer loss 1.31 at step 890 against the published run's 1.69)
-    look_heads: int = 1
-    # read-out loss on the guided heads' outputs (see LookGuide); 0 = off (the published model)
+    # guided heads per look layer: 1 = head 0 looks at every object a question names; 2 = also the
+    # first head of the second KV group, and a relation's two objects are split between them (run 15:
+    # relation answer loss 1.31 at step 890 against run 12's 1.69, with one head)
+    look_heads: int = 2
+    # read-out loss on the guided heads' outputs (see LookGuide); 0 = off. Not needed once the query
+    # read-out is on: the heads' value path already carried the answer (see LookGuide.query_loss)
     readout_weight: float = 0.0
     # read-out loss on what the predicting token's query can see entering each look layer: the colour
-    # and shape words the question names, and its family (see QUERY_CLASSES); 0 = off
-    query_weight: float = 0.0
+    # and shape words the question names, and its family (see QUERY_CLASSES and LookGuide.query_loss).
+    # Run 16 (the published model): test accuracy 0.667 -> 0.929
+    query_weight: float = 1.0
     # penalty on the squared RMS of the last hidden state (before the final norm) at text positions
     # (see text_residual_penalty); 0 = off
     residual_weight: float = 1e-2
