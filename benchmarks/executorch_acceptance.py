@@ -265,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="convert,fidelity,speed,memory")
     ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated subset of none,8da4w")
     ap.add_argument("--recipes", help="comma-separated subset, e.g. keep-all,fastv-60 (default: all found)")
+    ap.add_argument("--results", type=Path, default=RESULTS / "executorch.md",
+                    help="report path (its .json sibling keeps the state); a partial run can write its own")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
-    state = State(RESULTS / "executorch.json")
+    state = State(args.results.with_suffix(".json"))
     named = recipes(args.model, args.work)
     if args.recipes:
         named = {k: v for k, v in named.items() if k in args.recipes.split(",")}
@@ -282,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         speed(arts, list(named), args.runs, state)
     if "memory" in stages:
         memory(arts, state)
-    (RESULTS / "executorch.md").write_text(report(state.data, args.n))
-    log(f"wrote {RESULTS / 'executorch.md'}")
+    args.results.write_text(report(state.data, args.n))
+    log(f"wrote {args.results}")
     return 0
 
 
