@@ -57,7 +57,7 @@ class State:
 
 
 def recipes(model: Path, work: Path) -> dict[str, Path]:
-    """name -> recipe.json: keep-all, the 60% recipe, and issue 5's guide/exit recipes when present."""
+    """name -> recipe.json: keep-all, the 60% recipes, and issue 5's guide/exit recipes when present."""
     from edge_prune.models.shapes import load_shape
     from edge_prune.recipe import Recipe
 
@@ -66,10 +66,12 @@ def recipes(model: Path, work: Path) -> dict[str, Path]:
     if not keep_all.is_file():
         Recipe.identity(load_shape(model).signature(), note="keep-all baseline").save(keep_all)
     out["keep-all"] = keep_all
-    fitted = RECIPES / "fitprune-60" / "recipe.json"
-    if fitted.is_file():
-        out["fitprune-60"] = fitted
-    else:  # issue 5's run has not fitted it (yet): FastV at the same 60% exact-FLOPs budget, instant
+    # the 60% recipes: FitPrune (issue 4) and FastV (issue 3's baseline); FastV at the same exact-FLOPs
+    # budget is made here when the baselines have not been run
+    for name in ("fitprune-60", "fastv-60"):
+        if (RECIPES / name / "recipe.json").is_file():
+            out[name] = RECIPES / name / "recipe.json"
+    if "fastv-60" not in out:
         from edge_prune.fit.baselines import baseline_recipe
 
         fastv = work / "recipes" / "fastv-60" / "recipe.json"
