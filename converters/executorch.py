@@ -171,10 +171,12 @@ class DecoderParts(nn.Module):
     def qkv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """q [KVH, G*n, hd] (grouped, see `grouped`; scaled by the layer's 1/sqrt(hd)), k and v [1, KVH, n, hd].
 
-        Written for the delegate: with the text length dynamic, XNNPACK lowers a reshape only when its
-        one dynamic dimension is spelled -1, and lowers no slice, expand or 4-d matmul of a dynamic
-        tensor; what it does not take runs as a single-threaded portable kernel (a real copy) between
-        two partitions. So heads are split with -1 reshapes and attention uses 3-d bmm.
+        Written for the delegate: with the text length dynamic, XNNPACK lowers no reshape with a
+        symbolic size (torch.export spells a -1 out as one), nor a slice, an expand or the expand +
+        view around a 4-d matmul; what it does not take runs as a single-threaded portable kernel (a
+        real copy) between two partitions. So the remaining head split/merge copies touch only the
+        [n, hd]-sized q/k/v and outputs, and attention is a 3-d bmm whose [KVH, G*Q, K] results are
+        never reshaped.
         """
         attn = self.layers[i].self_attn
         cos, sin = rope

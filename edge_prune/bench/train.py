@@ -371,7 +371,7 @@ class LookGuide:
         rows, pos, family = turns.unbind(1)
         targets = {**{k: named[:, a] for a, k in enumerate(NAMED_SLOTS)}, "family": family}
         losses = []
-        for i, attn in self.attn.items():
+        for i in self.attn:
             seen = self.captured[i][0][rows, pos]  # the attention's input: after the layer's input norm
             losses += [torch.nn.functional.cross_entropy(heads[f"{i}_{k}"](seen), y) for k, y in targets.items()]
         return torch.stack(losses).mean()
@@ -456,7 +456,7 @@ class PatchProbe(torch.nn.Module):
         # LookGuide's read-outs of the guided heads' outputs, keyed layer_slot_attribute
         self.readout = torch.nn.ModuleDict({k: torch.nn.Linear(head_dim, READOUT_CLASSES[k.split("_", 2)[2]])
                                             for k in readout_keys})
-        # LookGuide's query read-outs of the predicting token entering a look layer, keyed layer_slot
+        # LookGuide's query read-outs of the predicting token entering a look layer, keyed layer_target
         self.query = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, QUERY_CLASSES[k.split("_", 1)[1]]) for k in query_keys})
         # the same questions about each object, from the mean of its patches: what the decoder reads
         # when it attends to an object. Interior patches of a square and a circle look alike, so a
