@@ -201,9 +201,25 @@ class DecoderParts(nn.Module):
         """
         return t.reshape(self.kv_heads, -1, self.head_dim)
 
-    def ungrouped_probs(self, probs: torch.Tensor) -> torch.Tensor:
-        """Grouped probabilities [KVH, G*Q, K] -> [1, H, Q, K], for the scorers (a copy: scoring layers only)."""
-        return probs.reshape(1, self.heads, -1, probs.shape[-1])
+    def head_probs(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's softmax attention [1, Q, K] (float32), from grouped q and k as `qkv` gives them.
+
+        For the scorers that reduce over heads (FitPrune's head max): the delegate can neither
+        regroup the grouped probabilities (a reshape or slice of a tensor with two dynamic sizes) nor
+        reduce across their leading dim, so it would copy the layer's largest tensor in portable
+        kernels, single-threaded, at every dropping layer. Recomputing the logits head by head costs
+        one more attention's matmuls, which the delegate runs; only q's and k's small head slices are
+        portable copies.
+        """
+        g = self.heads // self.kv_heads
+        rows = q.shape[1] // g
+        bias = (~allowed).to(q.dtype) * torch.finfo(q.dtype).min
+        out = []
+        for h in range(self.heads):
+            q_h = q[h // g, (h % g) * rows:(h % g + 1) * rows][None]
+            keys = k[:, h // g].transpose(1, 2)
+            out.append(torch.softmax((torch.bmm(q_h, keys) + bias).float(), dim=-1))
+        return out
 
     def rms_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """HF's RMSNorm, the mean of squares as a matmul by 1/d: XNNPACK takes a linear, not mean.dim."""
@@ -278,14 +294,17 @@ class Prefill(nn.Module):
             n_vis = x.shape[1] - t
             layer = p.layers[i]
             probs = None
+            target = spec.kept[i] if self.mode == "image" else 0
             if i not in p.skip:
                 if bias is None:
-                    bias, rope = p.bias(pos[0][None, :] <= pos[0][:, None], x.dtype), p.rope(x, pos)
+                    allowed = pos[0][None, :] <= pos[0][:, None]
+                    bias, rope = p.bias(allowed, x.dtype), p.rope(x, pos)
                 q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, x), rope)
                 probs = p.attention_probs(q, k, bias)
                 self._write_cache(i, k, v, n_vis)
                 x = x + layer.self_attn.o_proj(p.attend(probs, v))
-            target = spec.kept[i] if self.mode == "image" else 0
+                if target < n_vis and p.scorer == "fitprune":  # what the scorer reduces: see head_probs
+                    probs = p.head_probs(q, k, allowed)
             if target < n_vis:
                 keep = self._select(self._scores(i, probs, x, pos, n_vis, after), target)
                 x = torch.cat([x[:, :n_vis].index_select(1, keep), x[:, n_vis:]], dim=1)
@@ -337,15 +356,22 @@ class Prefill(nn.Module):
             return self.parts.guides.scores(i, x, visual, text)[0, :n_vis]
         if probs is None:
             raise RecipeError(f"scorer {scorer!r} drops tokens at layer {i}, whose attention is skipped")
-        probs = self.parts.ungrouped_probs(probs)
+        # Both reduce [Q, K]-sized probabilities only with ops the delegate runs (batched matmuls and
+        # elementwise max); indexing them would be a portable copy of the layer's largest tensor.
         if scorer == "fastv":  # attention the prompt's last token pays each token, mean over heads
-            return probs[0, :, -1, :n_vis].mean(dim=0)
-        if scorer == "fitprune":  # cross x self, head-max (scoring.fitprune_scores)
-            head_max = probs[0].amax(dim=0)[:, :n_vis]  # [Q, n_vis]
-            rows = after.float()
-            n_after = rows.sum()
-            cross = (head_max[n_vis:] * rows[:, None]).sum(0) / n_after.clamp(min=1)
-            self_ = head_max[:n_vis].sum(0) / max(n_vis, 1)
+            rows = probs.shape[1]  # grouped [KVH, G*Q, K]: row g*Q + j is query j of the group's head g
+            q = rows // (self.parts.heads // self.parts.kv_heads)
+            last = ((torch.arange(rows) % q) == q - 1).to(probs.dtype) / self.parts.heads
+            return torch.bmm(last.expand(probs.shape[0], 1, rows), probs).sum(0)[0, :n_vis]
+        if scorer == "fitprune":  # cross x self, head-max (scoring.fitprune_scores); probs: see head_probs
+            head_max = probs[0]
+            for p_h in probs[1:]:
+                head_max = torch.maximum(head_max, p_h)  # [1, Q, K]
+            is_after = torch.cat([torch.zeros(n_vis, dtype=head_max.dtype), after.to(head_max.dtype)])
+            n_after = is_after.sum()
+            is_visual = (torch.arange(head_max.shape[1]) < n_vis).to(head_max.dtype)
+            weights = torch.stack([is_after / n_after.clamp(min=1), is_visual / max(n_vis, 1)])[None]  # [1, 2, Q]
+            cross, self_ = torch.bmm(weights, head_max)[0, :, :n_vis]
             return torch.where(n_after > 0, cross * self_, self_)
         raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside an exported decoder")
 
