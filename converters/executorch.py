@@ -201,7 +201,7 @@ class DecoderParts(nn.Module):
         """
         return t.reshape(self.kv_heads, -1, self.head_dim)
 
-    def head_probs(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> list[torch.Tensor]:
+    def head_probs(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> list[torch.Tensor]:
         """Each head's softmax attention [1, Q, K] (float32), from grouped q and k as `qkv` gives them.
 
         For the scorers that reduce over heads (FitPrune's head max): the delegate can neither
@@ -209,11 +209,10 @@ class DecoderParts(nn.Module):
         reduce across their leading dim, so it would copy the layer's largest tensor in portable
         kernels, single-threaded, at every dropping layer. Recomputing the logits head by head costs
         one more attention's matmuls, which the delegate runs; only q's and k's small head slices are
-        portable copies.
+        portable copies. `bias` [Q, K]: see `causal_bias`.
         """
         g = self.heads // self.kv_heads
         rows = q.shape[1] // g
-        bias = (~allowed).to(q.dtype) * torch.finfo(q.dtype).min
         out = []
         for h in range(self.heads):
             q_h = q[h // g, (h % g) * rows:(h % g + 1) * rows][None]
@@ -238,6 +237,17 @@ class DecoderParts(nn.Module):
         values = v.reshape(self.kv_heads, -1, self.head_dim)
         out = torch.bmm(probs.to(v.dtype), values).reshape(self.heads, -1, self.head_dim)
         return out.transpose(0, 1).reshape(1, -1, self.heads * self.head_dim)
+
+    def causal_bias(self, pos: torch.Tensor, dtype: torch.dtype, groups: int) -> torch.Tensor:
+        """Additive mask [groups*Q, K] of the prefill from positions `pos` [Q] (keys = queries): 0 where
+        a key's original position is not later than the query's, the float minimum elsewhere; row
+        g*Q + j is query j. Arithmetic on float positions (exact integers below 2^24), which the delegate
+        runs, where comparing them and converting the [Q, K] booleans were portable kernels, again
+        after every drop."""
+        positions = pos.float()
+        later = (positions[None, :] - positions.repeat(groups)[:, None]).clamp(0, 1)  # 1 where the key is later
+        bias = later * torch.finfo(dtype).min
+        return bias if dtype == torch.float32 else bias.to(dtype)
 
     def bias(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask [G*Q, K] for the grouped rows from `allowed` [Q, K] (row g*Q + j is query j)."""
@@ -297,14 +307,13 @@ class Prefill(nn.Module):
             target = spec.kept[i] if self.mode == "image" else 0
             if i not in p.skip:
                 if bias is None:
-                    allowed = pos[0][None, :] <= pos[0][:, None]
-                    bias, rope = p.bias(allowed, x.dtype), p.rope(x, pos)
+                    bias, rope = p.causal_bias(pos[0], x.dtype, p.heads // p.kv_heads), p.rope(x, pos)
                 q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, x), rope)
                 probs = p.attention_probs(q, k, bias)
                 self._write_cache(i, k, v, n_vis)
                 x = x + layer.self_attn.o_proj(p.attend(probs, v))
                 if target < n_vis and p.scorer == "fitprune":  # what the scorer reduces: see head_probs
-                    probs = p.head_probs(q, k, allowed)
+                    probs = p.head_probs(q, k, p.causal_bias(pos[0], x.dtype, 1))
             if target < n_vis:
                 keep = self._select(self._scores(i, probs, x, pos, n_vis, after), target)
                 x = torch.cat([x[:, :n_vis].index_select(1, keep), x[:, n_vis:]], dim=1)
@@ -377,14 +386,24 @@ class Prefill(nn.Module):
 
     @staticmethod
     def _select(scores: torch.Tensor, count: int) -> torch.Tensor:
-        """Indices (ascending) of the `count` best tokens; ties go to the earlier token (a stable sort)."""
+        """Indices (ascending) of the `count` best tokens; ties go to the earlier token (a stable sort).
+
+        Token i is kept when fewer than `count` tokens are ahead of it (a higher score, or an equal
+        one earlier). The [n, n] comparison is arithmetic the delegate runs: ceil(clamp(d, 0, 1)) is
+        exactly 1 for d > 0 and 0 otherwise, and a float difference is 0 only between equal floats
+        (scores are finite; differences below float32's normal range would count as ties).
+        Comparison ops and boolean reductions were six portable kernels over n^2 at every drop.
+        """
         n = scores.shape[0]
-        idx = torch.arange(n)
+        idx = torch.arange(n).float()
         s = scores.float()
-        ahead = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (idx[None, :] < idx[:, None]))
-        keep = ahead.sum(dim=1) < count
+        higher = (s[None, :] - s[:, None]).clamp(0, 1).ceil()  # [i, j] = 1 where s_j > s_i
+        tie = 1 - (s[None, :] - s[:, None]).abs().clamp(0, 1).ceil()  # s_j == s_i
+        earlier = (idx[:, None] - idx[None, :]).clamp(0, 1)  # j < i
+        ahead = torch.nn.functional.linear(higher + tie * earlier, torch.ones(1, n))[:, 0]
+        keep = (count - ahead).clamp(0, 1)  # 1 where fewer than `count` are ahead (integers)
         # topk of (n - index) over the kept tokens lists them in their original order.
-        return torch.topk((n - idx).float() * keep.float(), count).indices
+        return torch.topk((n - idx) * keep, count).indices
 
 
 def _rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
