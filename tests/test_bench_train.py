@@ -87,9 +87,8 @@ def test_default_model_meets_the_design_limits() -> None:
     assert SMOKE["steps"] < cfg.steps
 
 
-def test_look_guide_loss_is_the_attention_mass_on_the_named_objects() -> None:
-    """The guidance loss computed from q/k equals -log(mass) read off transformers' eager attention,
-    for both guided heads; a relation question sends each head to one of its two objects."""
+def _smoke_model_with_look_guide():
+    """(tokenizer, smoke model with eager attention, LookGuide on its layer 1)."""
     from edge_prune.bench.train import LookGuide
 
     cfg = TrainConfig(**SMOKE)
@@ -97,7 +96,13 @@ def test_look_guide_loss_is_the_attention_mass_on_the_named_objects() -> None:
     torch.manual_seed(0)
     model = build_model(cfg, tok)
     model.config.text_config._attn_implementation = "eager"
-    guide = LookGuide(model, [1])
+    return tok, model, LookGuide(model, [1])
+
+
+def test_look_guide_loss_is_the_attention_mass_on_the_named_objects() -> None:
+    """The guidance loss computed from q/k equals -log(mass) read off transformers' eager attention,
+    for both guided heads; a relation question sends each head to one of its two objects."""
+    tok, model, guide = _smoke_model_with_look_guide()
     assert guide.heads == (0, 1)  # smoke model: 2 heads sharing 1 KV head
     batch = make_batch(tok, "train", [0, 1, 2, 3], turns_per_family=3, n_visual=576, look_heads=2)
     look = batch.pop("look_targets")
@@ -141,6 +146,52 @@ def test_one_guided_head_looks_at_every_named_object_two_split_a_relation() -> N
         mine = (l2["row"] == row) & (l2["query"] == query)
         union = l2["patches"][mine].any(0)  # a relation's two split looks together = the single look
         assert torch.equal(patches, union)
+
+
+def test_count_looks_are_one_centre_per_object_and_a_sink_on_the_second_head() -> None:
+    """With count_sink > 0 a count question's second guided head is asked for weight 1 on each
+    object's centre patch and count_sink at position 0 (KL to that), and its first head is free;
+    every other look keeps the mass loss."""
+    from edge_prune.bench.generator import make_scene, patch_targets
+
+    tok, model, guide = _smoke_model_with_look_guide()
+    rows = [0, 1, 2, 3]
+    batch = make_batch(tok, "train", rows, turns_per_family=3, n_visual=576, look_heads=2, count_sink=6.0)
+    look = batch.pop("look_targets")
+    batch.pop("patch_targets")
+    turns = batch.pop("answer_turns")
+    batch.pop("answer_queries")
+    counting = {(int(r), int(q)) for r, q, f in turns.tolist() if f == FAMILIES.index("count")}
+    assert counting
+    for row, query, patches, slot, sink in zip(look["row"], look["query"], look["patches"], look["slot"], look["sink"]):
+        if (int(row), int(query)) not in counting:
+            assert float(sink) == 0.0
+            continue
+        assert int(slot) == 1 and float(sink) == 6.0
+        scene = make_scene("train", rows[int(row)])
+        centres = patch_targets(scene, 8).centre.reshape(-1).astype(bool)
+        assert torch.equal(patches, torch.from_numpy(centres)) and int(patches.sum()) == len(scene.objects)
+    sunk = look["sink"] > 0
+    assert {(int(r), int(q)) for r, q in zip(look["row"][sunk], look["query"][sunk])} == counting  # one look each
+    assert int(sunk.sum()) == len(counting)
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        loss, _ = guide.loss(batch["input_ids"], model.config.image_token_id, look)
+    is_image = batch["input_ids"] == model.config.image_token_id
+    expected = []
+    for row, query, patches, slot, sink in zip(look["row"], look["query"], look["patches"], look["slot"], look["sink"]):
+        weights = out.attentions[1][row, guide.heads[slot], query]
+        image_positions = is_image[row].nonzero().squeeze(1)
+        if sink == 0:
+            expected.append(-torch.log(weights[image_positions[patches]].sum()))
+            continue
+        wanted = torch.zeros_like(weights)
+        wanted[image_positions[patches]] = 1.0
+        wanted[0] = sink
+        wanted /= wanted.sum()
+        kept = wanted > 0
+        expected.append((wanted[kept] * (wanted[kept].log() - weights[kept].log())).sum())
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
 
 
 def test_look_guide_read_out_sees_the_guided_heads_output() -> None:

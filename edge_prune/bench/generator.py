@@ -212,6 +212,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, o: SceneObject, fill) -> None:
         draw.rectangle((cx - a, cy - r, cx + a, cy + r), fill=fill)
 
 
+def centre_patch(o: SceneObject, patch_size: int) -> tuple[int, int]:
+    """(row, col) of the patch holding the object's centre pixel."""
+    g = IMAGE_SIZE // patch_size
+    return min(o.cy // patch_size, g - 1), min(o.cx // patch_size, g - 1)
+
+
 def _digit_centre(o: SceneObject) -> tuple[int, int]:
     dy = 4 if o.shape == "triangle" else 0  # a triangle's widest part is low
     return o.cx, o.cy + dy
@@ -273,7 +279,7 @@ def patch_targets(scene: Scene, patch_size: int) -> PatchTargets:
         shape[mine] = SHAPES.index(o.shape) + 1
         if o.digit is not None:
             digit[mine & inked] = int(o.digit) + 1
-        centre[min(o.cy // patch_size, g - 1), min(o.cx // patch_size, g - 1)] = 1
+        centre[centre_patch(o, patch_size)] = 1
     rows = np.arange(g) * patch_size // CELL
     cell = rows[:, None] * GRID + rows[None, :]
     return PatchTargets(colour, shape, digit, centre, cell, owner)
