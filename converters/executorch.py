@@ -214,10 +214,11 @@ class DecoderParts(nn.Module):
         g = self.heads // self.kv_heads
         rows = q.shape[1] // g
         out = []
-        for h in range(self.heads):
-            q_h = q[h // g, (h % g) * rows:(h % g + 1) * rows][None]
-            keys = k[:, h // g].transpose(1, 2)
-            out.append(torch.softmax((torch.bmm(q_h, keys) + bias).float(), dim=-1))
+        for kv in range(self.kv_heads):
+            keys = k[:, kv].transpose(1, 2)
+            for h in range(g):
+                q_h = q[kv, h * rows:(h + 1) * rows][None]
+                out.append(torch.softmax((torch.bmm(q_h, keys) + bias).float(), dim=-1))
         return out
 
     def rms_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

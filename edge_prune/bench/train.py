@@ -274,11 +274,12 @@ def make_batch(
             else:
                 groups = [qa.objects[:1], qa.objects[1:]] if qa.family == "relation" else [qa.objects, qa.objects]
             for slot, objects in enumerate(groups):
-                where = np.isin(owner, [o + 1 for o in objects])
+                if counting:  # no objects (the free head): no look
+                    where = _centres(scene, patch, objects)
+                else:
+                    where = np.isin(owner, [o + 1 for o in objects])
                 if qa.family == "detail":  # look at the digit itself: averaged over the whole object it is diluted
                     where &= target.digit.reshape(-1) > 0
-                if counting and objects:
-                    where = _centres(scene, patch, objects)
                 if where.any():
                     # the token that predicts the answer should look at the objects the question is about
                     looks.append((r, first[j] - 1, torch.from_numpy(where), slot, _object_attributes(scene, objects),
@@ -445,8 +446,10 @@ class LookGuide:
             k = k * cos[rows] + rotate_half(k) * sin[rows]
             logits = torch.einsum("td,tsd->ts", q, k) * attn.scaling
             logp = logits.masked_fill(causal, float("-inf")).log_softmax(-1)
-            mass = -torch.logsumexp(logp.masked_fill(~target, float("-inf")), -1)
-            looks.append(torch.where(sink > 0, self._count_divergence(logp, target, sink), mass).mean())
+            loss = -torch.logsumexp(logp.masked_fill(~target, float("-inf")), -1)  # -log(mass on the target)
+            if (sink > 0).any():  # count looks (TrainConfig.count_sink): off in the published model's training
+                loss = torch.where(sink > 0, self._count_divergence(logp, target, sink), loss)
+            looks.append(loss.mean())
             if readout is None:
                 continue
             seen = torch.einsum("ts,tsd->td", logp.exp(), v)  # the head's output at the predicting token
