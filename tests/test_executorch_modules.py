@@ -114,3 +114,16 @@ def test_stable_selection_breaks_ties_towards_the_earlier_token():
     scores = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.9, 0.5])
     assert cx.Prefill._select(scores, 3).tolist() == [0, 1, 4]
     np.testing.assert_array_equal(cx.Prefill._select(torch.zeros(5), 2).numpy(), [0, 1])
+    assert cx.Prefill._select(scores, 0).tolist() == []
+
+
+def test_selection_matches_the_engines_stable_sort_with_many_ties():
+    from edge_prune.scoring import select_visual
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=gen))
+        scores = torch.randint(0, 4, (n,), generator=gen).float() / 3  # few distinct values: many ties
+        count = int(torch.randint(1, n + 1, (1,), generator=gen))
+        keep = select_visual(scores[None], torch.ones(1, n, dtype=torch.bool), [count])[0]
+        assert cx.Prefill._select(scores, count).tolist() == keep.nonzero()[:, 0].tolist(), (trial, scores, count)
