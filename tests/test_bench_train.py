@@ -76,6 +76,35 @@ def test_labels_cover_only_answers() -> None:
     assert "</s>" in words and not {"USER", "ASSISTANT", "<image>"} & words
 
 
+def test_family_balanced_answer_loss_weighs_every_family_alike() -> None:
+    """The balanced loss is the mean over families of transformers' own answer loss with only that
+    family's answers labelled; count, one turn per image, weighs as much as colour's several."""
+    from edge_prune.bench.train import family_balanced_answer_loss
+
+    tok, model, _ = _smoke_model_with_look_guide()
+    batch = make_batch(tok, "train", [0, 1, 2], turns_per_family=3, n_visual=576)
+    turns = batch.pop("answer_turns")
+    for key in ("look_targets", "patch_targets", "answer_queries"):
+        batch.pop(key)
+    per_family = [int((turns[:, 2] == f).sum()) for f in range(len(FAMILIES))]
+    assert per_family[FAMILIES.index("count")] == 3 < per_family[FAMILIES.index("colour")]  # one per image
+    with torch.no_grad():
+        out = model(**batch)
+        balanced = family_balanced_answer_loss(out.logits, batch["labels"], turns)
+        by_family = []
+        for f in sorted(set(turns[:, 2].tolist())):
+            labels = torch.full_like(batch["labels"], -100)
+            for row, pos, fam in turns.tolist():
+                end = pos + 1
+                while end < labels.shape[1] and batch["labels"][row, end] != -100:
+                    end += 1
+                if fam == f:
+                    labels[row, pos + 1:end] = batch["labels"][row, pos + 1:end]
+            by_family.append(model(**{**batch, "labels": labels}).loss)
+    assert float(balanced) == pytest.approx(float(torch.stack(by_family).mean()), rel=1e-5)
+    assert float(balanced) != pytest.approx(float(out.loss), rel=1e-3)  # not the plain token mean
+
+
 def test_default_model_meets_the_design_limits() -> None:
     cfg = TrainConfig()
     model = build_model(cfg, build_tokenizer(cfg.vocab_size))
@@ -111,7 +140,7 @@ def test_look_guide_loss_is_the_attention_mass_on_the_named_objects() -> None:
     batch.pop("answer_queries")
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
-        loss, read = guide.loss(batch["input_ids"], model.config.image_token_id, look)
+        loss, read, _ = guide.loss(batch["input_ids"], model.config.image_token_id, look)
     assert float(read) == 0.0  # no read-out heads given
     is_image = batch["input_ids"] == model.config.image_token_id
     expected = []
@@ -148,6 +177,18 @@ def test_one_guided_head_looks_at_every_named_object_two_split_a_relation() -> N
         assert torch.equal(patches, union)
 
 
+def _count_batch(tok, rows, **count_options):
+    """(model inputs, look targets, {(row, predicting position)} of the count questions) of a training batch."""
+    batch = make_batch(tok, "train", rows, turns_per_family=3, n_visual=576, look_heads=2, **count_options)
+    look = batch.pop("look_targets")
+    batch.pop("patch_targets")
+    turns = batch.pop("answer_turns")
+    batch.pop("answer_queries")
+    counting = {(int(r), int(q)) for r, q, f in turns.tolist() if f == FAMILIES.index("count")}
+    assert counting
+    return batch, look, counting
+
+
 def test_count_looks_are_one_centre_per_object_and_a_sink_on_the_second_head() -> None:
     """With count_sink > 0 a count question's second guided head is asked for weight 1 on each
     object's centre patch and count_sink at position 0 (KL to that), and its first head is free;
@@ -156,13 +197,7 @@ def test_count_looks_are_one_centre_per_object_and_a_sink_on_the_second_head() -
 
     tok, model, guide = _smoke_model_with_look_guide()
     rows = [0, 1, 2, 3]
-    batch = make_batch(tok, "train", rows, turns_per_family=3, n_visual=576, look_heads=2, count_sink=6.0)
-    look = batch.pop("look_targets")
-    batch.pop("patch_targets")
-    turns = batch.pop("answer_turns")
-    batch.pop("answer_queries")
-    counting = {(int(r), int(q)) for r, q, f in turns.tolist() if f == FAMILIES.index("count")}
-    assert counting
+    batch, look, counting = _count_batch(tok, rows, count_sink=6.0)
     for row, query, patches, slot, sink in zip(look["row"], look["query"], look["patches"], look["slot"], look["sink"]):
         if (int(row), int(query)) not in counting:
             assert float(sink) == 0.0
@@ -176,7 +211,7 @@ def test_count_looks_are_one_centre_per_object_and_a_sink_on_the_second_head() -
     assert int(sunk.sum()) == len(counting)
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
-        loss, _ = guide.loss(batch["input_ids"], model.config.image_token_id, look)
+        loss, _, _ = guide.loss(batch["input_ids"], model.config.image_token_id, look)
     is_image = batch["input_ids"] == model.config.image_token_id
     expected = []
     for row, query, patches, slot, sink in zip(look["row"], look["query"], look["patches"], look["slot"], look["sink"]):
@@ -192,6 +227,52 @@ def test_count_looks_are_one_centre_per_object_and_a_sink_on_the_second_head() -
         kept = wanted > 0
         expected.append((wanted[kept] * (wanted[kept].log() - weights[kept].log())).sum())
     assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_count_pool_looks_spread_over_the_image_and_read_the_count() -> None:
+    """With count_pool a count question's second guided head is asked for even attention over every
+    visual token (KL to that) and its output, at the predicting token, is read out as the object
+    count; the first head keeps its look at the objects; the mean visual token is read out too."""
+    from edge_prune.bench.generator import make_scene
+    from edge_prune.bench.train import PatchProbe
+
+    tok, model, guide = _smoke_model_with_look_guide()
+    rows = [0, 1, 2, 3]
+    batch, look, counting = _count_batch(tok, rows, count_pool=True)
+    assert look["scene_count"].tolist() == [len(make_scene("train", i).objects) - 1 for i in rows]
+    pooled = look["count"] >= 0
+    assert {(int(r), int(q)) for r, q in zip(look["row"][pooled], look["query"][pooled])} == counting
+    assert int(pooled.sum()) == len(counting) and (look["slot"][pooled] == 1).all()
+    assert look["patches"][pooled].all() and (look["count"][pooled] == look["scene_count"][look["row"][pooled]]).all()
+    first_head = (look["slot"] == 0) & torch.tensor([(int(r), int(q)) in counting for r, q in zip(look["row"], look["query"])])
+    assert int(first_head.sum()) == len(counting) and not look["patches"][first_head].all(1).any()  # the objects only
+
+    cfg = TrainConfig(**SMOKE)
+    probe = PatchProbe(cfg.text_hidden, cfg.text_hidden // cfg.text_heads, count_layers=[1])
+    seen = {}
+    model.model.language_model.layers[1].self_attn.o_proj.register_forward_pre_hook(
+        lambda _m, args: seen.__setitem__("out", args[0]))
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        loss, _, counted = guide.loss(batch["input_ids"], model.config.image_token_id, look, None, probe.count_readout)
+    is_image = batch["input_ids"] == model.config.image_token_id
+    expected = []
+    for row, query, patches, slot, count in zip(look["row"], look["query"], look["patches"], look["slot"], look["count"]):
+        weights = out.attentions[1][row, guide.heads[slot], query]
+        on_image = weights[is_image[row].nonzero().squeeze(1)[patches]]
+        if count < 0:
+            expected.append(-torch.log(on_image.sum()))
+        else:  # KL(uniform over the 576 visual tokens || attention)
+            expected.append((-(on_image.log()) - math.log(576)).mean())
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+    d = cfg.text_hidden // cfg.text_heads
+    head_out = seen["out"].view(*seen["out"].shape[:2], -1, d)[look["row"][pooled], look["query"][pooled], guide.heads[1]]
+    reference = torch.nn.functional.cross_entropy(probe.count_readout["1"](head_out), look["count"][pooled])
+    assert float(counted) == pytest.approx(float(reference), rel=1e-5)
+    features = torch.randn(4, 576, cfg.text_hidden) * torch.rand(4, 576, 1)
+    normed = features / features.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    reference = torch.nn.functional.cross_entropy(probe.count(normed.mean(1)), look["scene_count"])
+    assert float(probe.count_loss(features, look["scene_count"])) == pytest.approx(float(reference), rel=1e-5)
 
 
 def test_look_guide_read_out_sees_the_guided_heads_output() -> None:
@@ -222,7 +303,7 @@ def test_look_guide_read_out_sees_the_guided_heads_output() -> None:
 
     with torch.no_grad():
         model(**batch)
-        _, read = guide.loss(batch["input_ids"], model.config.image_token_id, look, Recorder())
+        _, read, _ = guide.loss(batch["input_ids"], model.config.image_token_id, look, Recorder())
     d = cfg.text_hidden // cfg.text_heads
     heads = torch.tensor(guide.heads)[look["slot"]]
     reference = captured["out"].view(*captured["out"].shape[:2], -1, d)[look["row"], look["query"], heads]

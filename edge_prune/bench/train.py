@@ -39,6 +39,7 @@ from edge_prune.bench.generator import (
     patch_targets,
 )
 from edge_prune.bench.tokenizer import ASSISTANT, EOS, IMAGE, USER, build_tokenizer, prompt
+from edge_prune.scoring import rms_normalize
 
 DEFAULT_OUT = Path("benchmarks/models/toyvqa-llava")
 PROBE_FILE = "training_probe.safetensors"  # in checkpoints only (see save)
@@ -92,6 +93,21 @@ class TrainConfig:
     # the count (0.98 at one object, 0.35-0.43 at eight) but only a third of the wanted weight
     # reached the centres
     count_sink: float = 0.0
+    # > 0 with look_heads=2: a count question's second guided head is asked to spread its attention
+    # evenly over the whole image (KL to uniform over the visual tokens), so that its output is the
+    # mean visual token, and linear read-outs of the count (this weight) from that output and from the
+    # mean of the visual tokens (PatchProbe.count) teach the tower to make that mean say how many
+    # objects there are. A mean over a fixed 576 tokens keeps the number, where a mean over the objects
+    # (count_sink = 0) averages it away. Before it, a linear read-out of the count from run 16's mean
+    # visual token scored 0.57 on test scenes. 0 = off (the published model). Run 18 (1.0, otherwise
+    # run 16) was stopped at 62 minutes, behind run 16 everywhere: calib accuracy 0.76 (run 16: 0.89 at
+    # 60 minutes), count 0.45 (0.75), detail 0.25 (0.75); its count read-out loss (two cross-entropies,
+    # 4.2 at chance) stayed at 1.9-2.4 from 3 objects on: the mean visual token never said the count sharply
+    count_pool: float = 0.0
+    # share of the answer loss taken family by family (see family_balanced_answer_loss): 1 = every
+    # question family weighs the same in each batch, 0 = the plain mean over answer tokens (the
+    # published model), under which count, one question per image, has a fifth of colour's weight
+    family_balance: float = 0.0
     # read-out loss on the guided heads' outputs (see LookGuide); 0 = off. Not needed once the query
     # read-out is on: the heads' value path already carried the answer (see LookGuide.query_loss)
     readout_weight: float = 0.0
@@ -238,15 +254,16 @@ def stack_targets(targets: Sequence[PatchTargets]) -> dict[str, torch.Tensor]:
 
 def make_batch(
     tokenizer: PreTrainedTokenizerFast, split: str, indices: Sequence[int], turns_per_family: int, n_visual: int,
-    max_objects: int = MAX_OBJECTS, look_heads: int = 1, count_sink: float = 0.0,
+    max_objects: int = MAX_OBJECTS, look_heads: int = 1, count_sink: float = 0.0, count_pool: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Padded batch of conversations; labels are -100 everywhere except answer tokens and </s>.
     `look_targets` has one look per answer and guided head (see LookGuide and TrainConfig.look_heads)."""
-    images, ids, labels, targets, looks, turns, queries = [], [], [], [], [], [], []
+    images, ids, labels, targets, looks, turns, queries, counts = [], [], [], [], [], [], [], []
     patch = IMAGE_SIZE // math.isqrt(n_visual)
     for r, index in enumerate(indices):
         image, qas = make_conversation(split, index, turns_per_family, max_objects)
         scene = make_scene(split, index, max_objects=max_objects)
+        counts.append(len(scene.objects) - 1)
         target = patch_targets(scene, patch)
         targets.append(target)
         text, spans = conversation_text(qas, n_visual)
@@ -267,23 +284,30 @@ def make_batch(
             # a relation names two objects: with two guided heads the first looks at the first, the
             # second at the other (one head averaging both cannot tell which is left); otherwise alike
             counting = qa.family == "count" and look_heads == 2 and count_sink > 0
+            pooling = qa.family == "count" and look_heads == 2 and count_pool and not counting
             if look_heads == 1:
                 groups = [qa.objects]
             elif counting:
                 groups = [(), qa.objects]  # see TrainConfig.count_sink
+            elif pooling:
+                groups = [qa.objects, None]  # see TrainConfig.count_pool: None = the whole image
             else:
                 groups = [qa.objects[:1], qa.objects[1:]] if qa.family == "relation" else [qa.objects, qa.objects]
             for slot, objects in enumerate(groups):
                 if counting:  # no objects (the free head): no look
                     where = _centres(scene, patch, objects)
+                elif objects is None:
+                    where = np.ones(n_visual, dtype=bool)
                 else:
                     where = np.isin(owner, [o + 1 for o in objects])
                 if qa.family == "detail":  # look at the digit itself: averaged over the whole object it is diluted
                     where &= target.digit.reshape(-1) > 0
                 if where.any():
                     # the token that predicts the answer should look at the objects the question is about
-                    looks.append((r, first[j] - 1, torch.from_numpy(where), slot, _object_attributes(scene, objects),
-                                  count_sink if counting else 0.0))
+                    pooled = objects is None
+                    looks.append((r, first[j] - 1, torch.from_numpy(where), slot,
+                                  _object_attributes(scene, () if pooled else objects), count_sink if counting else 0.0,
+                                  len(scene.objects) - 1 if pooled else -100))
         images.append(image)
         ids.append(enc["input_ids"])
         labels.append(lab)
@@ -302,7 +326,10 @@ def make_batch(
             "patches": torch.stack([x[2] for x in looks]) if looks else torch.zeros((0, n_visual), dtype=torch.bool),
             "slot": torch.tensor([x[3] for x in looks], dtype=torch.long),
             "attributes": torch.tensor([x[4] for x in looks], dtype=torch.long).reshape(-1, len(READOUT_CLASSES)),
-            "sink": torch.tensor([x[5] for x in looks], dtype=torch.float32)}
+            "sink": torch.tensor([x[5] for x in looks], dtype=torch.float32),
+            # count_pool looks: the image's object count - 1 (-100 on every other look)
+            "count": torch.tensor([x[6] for x in looks], dtype=torch.long),
+            "scene_count": torch.tensor(counts, dtype=torch.long)}
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values(images),
             "patch_targets": probe, "look_targets": look,
             "answer_turns": torch.tensor(turns, dtype=torch.long).reshape(-1, 3),  # (row, predicting pos, family)
@@ -406,7 +433,8 @@ class LookGuide:
     @staticmethod
     def _count_divergence(logp: torch.Tensor, target: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
         """KL(wanted || attention) per look, where `wanted` puts weight 1 on each target patch (the
-        counted objects' centres) and `sink` on position 0 (see TrainConfig.count_sink)."""
+        counted objects' centres) and `sink` on position 0 (see TrainConfig.count_sink); with `sink` 0,
+        the KL to even attention over the target patches (TrainConfig.count_pool)."""
         wanted = target.float()
         wanted[:, 0] = sink
         wanted = wanted / wanted.sum(-1, keepdim=True)
@@ -419,19 +447,23 @@ class LookGuide:
         return hook
 
     def loss(self, input_ids: torch.Tensor, image_token_id: int, look: dict[str, torch.Tensor],
-             readout: torch.nn.ModuleDict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(look loss, read-out loss) over the batch's looks; the second is 0 without `readout`."""
+             readout: torch.nn.ModuleDict | None = None,
+             count_readout: torch.nn.ModuleDict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(look loss, read-out loss, count read-out loss) over the batch's looks; the second is 0
+        without `readout`, the third without `count_readout` (keyed by layer) or count_pool looks."""
         from transformers.models.llama.modeling_llama import rotate_half
 
         rows, queries, patches, slots, sink = look["row"], look["query"], look["patches"], look["slot"], look["sink"]
+        counted = look["count"]
+        pooled = counted >= 0  # count_pool looks: even over the image, KL to that (sink 0 below)
         if rows.numel() == 0:
-            return torch.zeros(()), torch.zeros(())
+            return torch.zeros(()), torch.zeros(()), torch.zeros(())
         is_image = input_ids == image_token_id
         target = torch.zeros_like(is_image[rows])
         target[is_image[rows]] = patches.reshape(-1)  # the j-th image token is patch j
         causal = torch.arange(input_ids.shape[1])[None] > queries[:, None]
         heads = torch.tensor(self.heads)[slots]
-        looks, reads = [], []
+        looks, reads, counts = [], [], []
         for i, attn in self.attn.items():
             hidden, (cos, sin) = self.captured.pop(i)
             cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)  # shared positions
@@ -447,19 +479,46 @@ class LookGuide:
             logits = torch.einsum("td,tsd->ts", q, k) * attn.scaling
             logp = logits.masked_fill(causal, float("-inf")).log_softmax(-1)
             loss = -torch.logsumexp(logp.masked_fill(~target, float("-inf")), -1)  # -log(mass on the target)
-            if (sink > 0).any():  # count looks (TrainConfig.count_sink): off in the published model's training
-                loss = torch.where(sink > 0, self._count_divergence(logp, target, sink), loss)
+            divergent = (sink > 0) | pooled
+            if divergent.any():  # count looks (TrainConfig.count_sink, count_pool): off in the published model's training
+                loss = torch.where(divergent, self._count_divergence(logp, target, sink), loss)
             looks.append(loss.mean())
-            if readout is None:
+            reads_count = count_readout is not None and bool(pooled.any())
+            if readout is None and not reads_count:
                 continue
             seen = torch.einsum("ts,tsd->td", logp.exp(), v)  # the head's output at the predicting token
+            if reads_count:
+                counts.append(torch.nn.functional.cross_entropy(count_readout[str(i)](seen[pooled]), counted[pooled]))
+            if readout is None:
+                continue
             for a, name in enumerate(READOUT_CLASSES):
                 for slot in range(len(self.heads)):
                     y = look["attributes"][:, a].masked_fill(slots != slot, -100)
                     if (y >= 0).any():
                         reads.append(torch.nn.functional.cross_entropy(readout[f"{i}_{slot}_{name}"](seen), y, ignore_index=-100))
         read = torch.stack(reads).mean() if reads else torch.zeros(())
-        return torch.stack(looks).mean(), read
+        return torch.stack(looks).mean(), read, torch.stack(counts).mean() if counts else torch.zeros(())
+
+
+def family_balanced_answer_loss(logits: torch.Tensor, labels: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch's question families of each family's mean answer-token cross-entropy.
+
+    A training conversation drops repeated questions, so a family with one possible question
+    (count: "How many objects are there?") gets one turn per image where colour, shape and exists get
+    up to five: under the plain token mean it has a fifth of their gradient, while the test split asks
+    every family equally often. `turns` is make_batch's (row, predicting position, family) per answer;
+    each answer's tokens run from the position after it while labels are set.
+    """
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100,
+                                           reduction="none")
+    answered = (target != -100).tolist()
+    family = torch.full_like(target, -1)
+    for row, pos, fam in turns.tolist():
+        while pos < len(answered[row]) and answered[row][pos]:  # the answer word(s) and </s>
+            family[row, pos] = fam
+            pos += 1
+    return torch.stack([ce[family == f].mean() for f in family[family >= 0].unique()]).mean()
 
 
 def text_residual_penalty(last_hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -489,7 +548,8 @@ class PatchProbe(torch.nn.Module):
     only has to learn to find them. The published model is a plain LLaVA.
     """
 
-    def __init__(self, hidden: int, head_dim: int = 0, readout_keys: Sequence[str] = (), query_keys: Sequence[str] = ()) -> None:
+    def __init__(self, hidden: int, head_dim: int = 0, readout_keys: Sequence[str] = (), query_keys: Sequence[str] = (),
+                 count_layers: Sequence[int] = ()) -> None:
         super().__init__()
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in PROBE_CLASSES.items()})
         # LookGuide's read-outs of the guided heads' outputs, keyed layer_slot_attribute
@@ -502,6 +562,15 @@ class PatchProbe(torch.nn.Module):
         # per-patch shape read-out alone stayed at chance; the pooled one learns from the edges.
         self.objects = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, PROBE_CLASSES[k]) for k in OBJECT_PROBES})
         self.quadrant = torch.nn.Linear(hidden, 4)  # which image quadrant the object is in
+        if count_layers:  # TrainConfig.count_pool: the count from the mean visual token, and from the
+            # second guided head's output at count questions in each look layer (LookGuide.loss)
+            self.count = torch.nn.Linear(hidden, MAX_OBJECTS)
+            self.count_readout = torch.nn.ModuleDict({str(i): torch.nn.Linear(head_dim, MAX_OBJECTS) for i in count_layers})
+
+    def count_loss(self, features: torch.Tensor, scene_count: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the object count (minus one) read from the mean visual token, each token
+        RMS-normalised first as the decoder's input norm does: what an even look over the image sees."""
+        return torch.nn.functional.cross_entropy(self.count(rms_normalize(features).mean(1)), scene_count)
 
     def loss(self, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         flat = features.reshape(-1, features.shape[-1])
@@ -809,11 +878,15 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     readout_keys = (LookGuide.readout_keys(look_layers, cfg.look_heads)
                     if cfg.look_weight > 0 and cfg.readout_weight > 0 else [])
     query_keys = LookGuide.query_keys(look_layers) if cfg.look_weight > 0 and cfg.query_weight > 0 else []
-    probe = PatchProbe(cfg.text_hidden, cfg.text_hidden // cfg.text_heads, readout_keys, query_keys)
+    if cfg.count_pool > 0 and (cfg.look_heads != 2 or cfg.look_weight <= 0 or cfg.count_sink > 0):
+        raise ValueError("--count-pool needs --look-heads 2, --look-weight > 0 and no --count-sink "
+                         "(it sets the second guided head's look at count questions)")
+    count_layers = look_layers if cfg.count_pool > 0 else []
+    probe = PatchProbe(cfg.text_hidden, cfg.text_hidden // cfg.text_heads, readout_keys, query_keys, count_layers)
     if cfg.init_from and (Path(cfg.init_from) / PROBE_FILE).exists():
         # a stage-1 save has no read-out or query heads yet (stage 1 trains no decoder): they start fresh
         missing, unexpected = probe.load_state_dict(load_file(str(Path(cfg.init_from) / PROBE_FILE)), strict=False)
-        if unexpected or any(not k.startswith(("readout.", "query.")) for k in missing):
+        if unexpected or any(not k.startswith(("readout.", "query.", "count.", "count_readout.")) for k in missing):
             raise ValueError(f"{cfg.init_from}/{PROBE_FILE} does not match this configuration's probe "
                              f"(missing {missing}, unexpected {unexpected})")
     captured: dict[str, torch.Tensor] = {}
@@ -866,7 +939,8 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
             max_objects = max(level, _max_objects(progress, cfg)) if cfg.curriculum > 0 else level
         else:
             max_objects = _max_objects(progress, cfg)
-        batch = make_batch(tokenizer, "train", indices, cfg.turns_per_family, n_visual, max_objects, cfg.look_heads, cfg.count_sink)
+        batch = make_batch(tokenizer, "train", indices, cfg.turns_per_family, n_visual, max_objects, cfg.look_heads,
+                           cfg.count_sink, cfg.count_pool > 0)
         targets = batch.pop("patch_targets")
         look = batch.pop("look_targets")
         turns = batch.pop("answer_turns")
@@ -875,20 +949,27 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         t_step = time.time()
         out_step = model(**batch)
         answer_loss = out_step.loss
+        balanced = (family_balanced_answer_loss(out_step.logits, batch["labels"], turns) if cfg.family_balance > 0
+                    else answer_loss.new_zeros(()))
         with torch.no_grad():  # answer-word loss per family: which families the model has started to read
             rows, pos, fam = turns.unbind(1)
             word = -out_step.logits[rows, pos].float().log_softmax(-1).gather(1, batch["labels"][rows, pos + 1, None])[:, 0]
             for f in fam.unique().tolist():
                 v = float(word[fam == f].mean())
                 fam_ema[f] = v if f not in fam_ema else 0.9 * fam_ema[f] + 0.1 * v
-        aux = probe.loss(captured.pop("features"), targets) if cfg.aux_weight > 0 else answer_loss.new_zeros(())
+        features = captured.pop("features")
+        aux = probe.loss(features, targets) if cfg.aux_weight > 0 else answer_loss.new_zeros(())
         asked = guide.query_loss(turns, named, probe.query) if query_keys else answer_loss.new_zeros(())
-        looked, read = (guide.loss(batch["input_ids"], model.config.image_token_id, look, probe.readout if readout_keys else None)
-                        if guide else (answer_loss.new_zeros(()), answer_loss.new_zeros(())))
+        looked, read, counted = (guide.loss(batch["input_ids"], model.config.image_token_id, look,
+                                            probe.readout if readout_keys else None,
+                                            probe.count_readout if count_layers else None)
+                                 if guide else (answer_loss.new_zeros(()),) * 3)
+        if count_layers:
+            counted = counted + probe.count_loss(features, look["scene_count"])
         text = (batch["attention_mask"] > 0) & (batch["input_ids"] != model.config.image_token_id)
         residual = text_residual_penalty(captured.pop("last_hidden"), text)
-        loss = (answer_loss + cfg.aux_weight * aux + cfg.look_weight * looked + cfg.readout_weight * read
-                + cfg.query_weight * asked + cfg.residual_weight * residual)
+        loss = ((1 - cfg.family_balance) * answer_loss + cfg.family_balance * balanced + cfg.aux_weight * aux + cfg.look_weight * looked + cfg.readout_weight * read
+                + cfg.query_weight * asked + cfg.residual_weight * residual + cfg.count_pool * counted)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -899,10 +980,10 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
         now = time.time()
         if step % 10 == 0 or step == cfg.steps - 1:
-            log({"event": "step", "step": step, "loss": lv, "loss_ema": ema, "probe_loss": float(aux), "look_loss": float(looked), "readout_loss": float(read), "query_loss": float(asked), "residual_rms2": float(residual), "lr": lr,
+            log({"event": "step", "step": step, "loss": lv, "loss_ema": ema, "probe_loss": float(aux), "look_loss": float(looked), "readout_loss": float(read), "query_loss": float(asked), "count_loss": float(counted), "balanced_answer_loss": float(balanced), "residual_rms2": float(residual), "lr": lr,
                  "progress": progress, "grad_norm": gnorm, "elapsed_s": now - t0, "threads": n_threads, "max_objects": max_objects,
                  "family_answer_loss": {FAMILIES[f]: v for f, v in sorted(fam_ema.items())}},
-                f"step {step:5d} loss {lv:.4f} ema {ema:.4f} probe {float(aux):.3f} look {float(looked):.3f} read {float(read):.3f} query {float(asked):.3f} rms2 {float(residual):.1f} lr {lr:.2e} prog {progress:.3f} gnorm {gnorm:.2f} "
+                f"step {step:5d} loss {lv:.4f} ema {ema:.4f} probe {float(aux):.3f} look {float(looked):.3f} read {float(read):.3f} query {float(asked):.3f} count {float(counted):.3f} rms2 {float(residual):.1f} lr {lr:.2e} prog {progress:.3f} gnorm {gnorm:.2f} "
                 f"t {now - t0:.0f}s ({(now - t0) / (step + 1):.2f}s/step, {n_threads} thr)\n    answer loss by family: "
                 + " ".join(f"{FAMILIES[f]} {v:.2f}" for f, v in sorted(fam_ema.items())))
         out_of_time = _progress(step, now - t0, cfg) >= 1.0 and step + 1 < cfg.steps
