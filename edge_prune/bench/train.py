@@ -106,7 +106,9 @@ class TrainConfig:
     count_pool: float = 0.0
     # share of the answer loss taken family by family (see family_balanced_answer_loss): 1 = every
     # question family weighs the same in each batch, 0 = the plain mean over answer tokens (the
-    # published model), under which count, one question per image, has a fifth of colour's weight
+    # published model), under which count, one question per image, has a fifth of exists' weight.
+    # Run 19 (1.0 with a fresh stage 1, 100 minutes) trailed run 16 from the start (calib 0.31 vs 0.61
+    # at 15 minutes, colour and shape included) and was stopped; a fresh stage 1 did as badly in run 13
     family_balance: float = 0.0
     # read-out loss on the guided heads' outputs (see LookGuide); 0 = off. Not needed once the query
     # read-out is on: the heads' value path already carried the answer (see LookGuide.query_loss)
