@@ -94,6 +94,30 @@ def test_guides_run_in_graph(adapter, images, tmp_path):
     _check(PrunedEngine(adapter, recipe), images)
 
 
+@pytest.mark.parametrize("text_after", [5, 0])
+def test_guide_scores_of_the_exported_prefill_equal_the_engines(adapter, text_after):
+    """The export computes only visual rows x text columns, masked by an additive bias; the scores are
+    the engine's, also for a prompt with no text after the image (zero context)."""
+    sig = adapter.signature()
+    guides = GuideSet(sig.hidden_size, [1, 2], 8)
+    recipe = Recipe(model=sig, prune=PruneSpec(scorer="guide", keep_after=[1.0, 0.5, 0.25, 0.25],
+                                               guides=GuideSpec("guides.safetensors", [1, 2], 8)))
+    spec = cx.build_spec(adapter, recipe, cx.ConvertOptions())
+    parts = cx.DecoderParts(adapter, recipe, spec, guides).eval()
+    torch.manual_seed(0)
+    n_vis, t = 40, 9
+    x = torch.randn(1, n_vis + t, sig.hidden_size) * 3
+    after = torch.arange(t) >= t - text_after
+    visual = (torch.arange(n_vis + t) < n_vis)[None]
+    text = torch.cat([torch.zeros(n_vis, dtype=torch.bool), after])[None]
+    with torch.no_grad():
+        for layer in (1, 2):
+            got = parts.guide_scores(layer, x[:, :n_vis], x[:, n_vis:], after)
+            want = guides.scores(layer, x, visual, text)[0, :n_vis]
+            assert got.shape == (n_vis,)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
 def test_exit_router_decides_between_segments(adapter, images, tmp_path, threshold):
     sig = adapter.signature()
