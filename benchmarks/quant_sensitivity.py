@@ -6,11 +6,13 @@ as the converter does (torchao `quantize_`), with one part changed at a time: th
 (HQQ), lm_head precision, 8-bit weights for some projections, no activation quantization, and prints
 accuracy and agreement with fp32 per variant. The eager fp32 and affine 8da4w rows match the .pte
 artifacts' accuracy, so the other rows say what a converter option buys, with one exception measured
-on the .pte: an int8 weight-only lm_head lowered to 87.2% (eager: 91.4%). Only the HQQ row went into the
+on the .pte: with an int8 weight-only lm_head the keep-all artifact scored 87.8% (eager: 91.4%). Only the HQQ row went into the
 converter. Choose on --split calib:
 500 items move a point with 5 answers, so agreement with fp32 is the steadier figure.
 
-    .venv/bin/python benchmarks/quant_sensitivity.py [--split test] [--n 500]
+    .venv/bin/python benchmarks/quant_sensitivity.py [--split test] [--n 500] [--variant NAME ...]
+
+Prints a markdown table; benchmarks/results/quant_sensitivity.md holds the calib and test tables.
 """
 
 from __future__ import annotations

@@ -620,7 +620,7 @@ def quantize_language_model(adapter: Any, quant: str, group_size: int) -> list[s
     with HQQ-chosen scales: on the benchmark model they kept the fp32 answer on 98.8% of 500
     calibration items against 97.8% with torchao's default affine scales, and the keep-all .pte went
     from -1.2 to -0.4 points on the test split (benchmarks/quant_sensitivity.py). An int8 weight-only
-    lm_head, better still in eager PyTorch, lowered to an XNNPACK artifact 4.4 points under fp32: not used.
+    lm_head, better still in eager PyTorch, gave XNNPACK artifacts 4.2-4.8 points under fp32: not used.
     int8: int8 weight-only, per output channel. Embeddings, norms and the vision tower stay float.
     """
     if quant == "none":
