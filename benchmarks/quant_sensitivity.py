@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -47,11 +48,12 @@ def configs() -> dict[str, object]:
     }
 
 
-# variant -> (decoder projections' scheme, projections held at 8da8w instead, lm_head's scheme or None)
+# variant -> (decoder projections' scheme, projections held at 8da8w instead, lm_head's scheme or None);
+# "converter" runs edge-prune convert's own quantize_language_model, so that row cannot drift from it
 VARIANTS = {
     "fp32": (None, (), None),
     "8da4w, affine scales (torchao's default)": ("8da4w", (), "8da4w"),
-    "8da4w, HQQ scales (the converter's)": ("8da4w hqq", (), "8da4w hqq"),
+    "8da4w, HQQ scales (the converter's)": ("converter", (), None),  # converters.executorch's own quantizer
     "8da4w, HQQ scales, lm_head int8 weight-only": ("8da4w hqq", (), "int8 weight-only"),
     "8da4w, lm_head fp32": ("8da4w", (), None),
     "8da4w, v_proj + down_proj 8da8w": ("8da4w", ("v_proj", "down_proj"), "8da4w"),
@@ -65,6 +67,12 @@ def quantized(base: nn.Module, scheme: str | None, eight_bit: tuple[str, ...], h
     from torchao.quantization import quantize_
 
     model = copy.deepcopy(base)
+    if scheme == "converter":
+        from edge_prune.converters.executorch import DEFAULT_GROUP_SIZE, quantize_language_model
+
+        parts = SimpleNamespace(language_model=model.model.language_model, lm_head=model.lm_head)
+        quantize_language_model(parts, "8da4w", DEFAULT_GROUP_SIZE)
+        return model
     table = configs()
     layers = model.model.language_model.layers
 
