@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="the synthetic VQA benchmark")
     bench = p.add_subparsers(dest="bench_command", required=True)
-    b = bench.add_parser("train", help="train the benchmark model (options: edge-prune bench train -- --help)",
+    b = bench.add_parser("train", help="train the benchmark model (options: edge-prune bench train --help)",
                          add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench_train)
@@ -432,6 +432,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "train"]:
+        # the trainer parses its own options; argparse's REMAINDER drops a first one that starts with "-"
+        return cmd_bench_train(argparse.Namespace(rest=argv[2:]))
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,15 +18,18 @@ from edge_prune.bench.train import (
     answer_accuracy,
     build_model,
     make_batch,
-    main,
     pixel_values,
+    polish_config,
     prefill_flops,
 )
 
 
 def test_smoke_training_saves_a_loadable_llava(tmp_path: Path) -> None:
     out = tmp_path / "toy"
-    assert main(["--smoke", "--out", str(out), "--threads", "1"]) == 0
+    from edge_prune.cli import main as cli_main
+
+    # through the CLI, as a user runs it: the trainer's own options follow `bench train` directly
+    assert cli_main(["bench", "train", "--smoke", "--out", str(out), "--threads", "1"]) == 0
     run = json.loads((out / "training_run.json").read_text())
     assert run["seed"] == TrainConfig.seed and run["complete"] and run["wall_s"] > 0
     assert (out / "training_log.txt").read_text().count("step") >= 2
@@ -37,6 +41,13 @@ def test_smoke_training_saves_a_loadable_llava(tmp_path: Path) -> None:
     # the stage-1 checkpoint carried the training-only probe; the published model does not
     assert any(r["event"] == "tower_step" for r in records)
     assert not (out / PROBE_FILE).exists()
+    # stage 3 started from the joint stage's save, logged apart, and its record keeps the joint stage's
+    polished = [json.loads(line) for line in (out / "polish_log.jsonl").open()]
+    config = next(r for r in polished if r["event"] == "config")
+    assert config["init_from"] == str(out) and config["family_balance"] == 1.0 and config["tower_steps"] == 0
+    assert sum(r["event"] == "step" for r in polished) >= 1 and run["step"] == 2
+    assert run["config"] == asdict(polish_config(TrainConfig(**SMOKE), out))
+    assert run["joint_stage"]["config"] == asdict(TrainConfig(**SMOKE)) and run["joint_stage"]["step"] == 3
 
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.dtype == torch.float16
