@@ -12,6 +12,7 @@ stored at once, so an interrupted run continues where it stopped when started ag
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -63,6 +64,12 @@ class Bench:
         self.shape = self.engine.adapter.shape
         self.json_path = RESULTS / "guides_exits.json"
         self.state: dict[str, Any] = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
+        weights = model_fingerprint(self.model)
+        if self.state.get("model_sha256") != weights:
+            # stored rows and fitted modules describe other weights: start over (fitted() refits)
+            if self.state:
+                log(f"{self.model} is not the model of {self.json_path}: refitting and re-evaluating every row")
+            self.state = {"model_sha256": weights}
         self.state.setdefault("rows", {})
         self.state.setdefault("fits", {})
         tok = self.engine.adapter.processor.tokenizer
@@ -75,9 +82,9 @@ class Bench:
         _atomic_write(self.json_path, json.dumps(self.state, indent=2, default=str) + "\n")
 
     def fitted(self, name: str, fit: Callable[[Path], Recipe]) -> Path:
-        """recipes/NAME/recipe.json, fitted once (delete the folder to refit)."""
+        """recipes/NAME/recipe.json, fitted once per model (delete the folder to refit)."""
         path = RECIPES / name / "recipe.json"
-        if not path.is_file():
+        if not path.is_file() or name not in self.state["fits"]:
             log(f"fitting {name}")
             start = time.perf_counter()
             recipe = fit(path)
@@ -161,6 +168,14 @@ class Bench:
         self.evaluated("guides-90+dyvte", self.fitted("guides-90+dyvte", self.fit_router(guides)))
 
 
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 of the model's weight files: which model the stored rows and fits were measured on."""
+    digest = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
 # ---- report -------------------------------------------------------------------------------------------
 ORDER = ["unpruned", "guides-90", "fitprune-eq", "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
          "fitprune-60+dyvte", "guides-90+dyvte"]
@@ -182,7 +197,8 @@ def report(state: dict[str, Any], n: int) -> str:
         "",
         f"Test split, n = {n} per row, greedy one-word answers; FLOPs are exact-accounting prefill FLOPs "
         "(for exit routers the per-request mean over the measured exit layers). Produced by "
-        "`benchmarks/guides_and_exits.py`; recipes and module weights under `benchmarks/recipes/NAME/`.",
+        "`benchmarks/guides_and_exits.py`; recipes and module weights under `benchmarks/recipes/NAME/`. "
+        f"Model weights sha256 {state.get('model_sha256', 'not recorded')[:16]}.",
         "",
         "| recipe | prefill FLOPs reduction | accuracy | Δ vs unpruned | " + " | ".join(FAMILIES) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(FAMILIES),
@@ -204,6 +220,14 @@ def report(state: dict[str, Any], n: int) -> str:
               "| module | fit seconds (whole fit) | training seconds (fitter) |", "|---|---:|---:|"]
     for name, fit in state.get("fits", {}).items():
         lines.append(f"| {name} | {fit['seconds']:.0f} | {training_seconds(name) or ''} |")
+    guides = RECIPES / "guides-90" / "recipe.json"
+    if guides.is_file():  # the settings behind the guides row, as the fitter recorded them
+        prov = Recipe.load(guides).provenance
+        t = prov.get("training", {})
+        lines += ["", f"guides-90: schedule {prov.get('schedule')}, {prov.get('calibration_samples')} "
+                  f"{prov.get('calibration')} samples, {t.get('steps')} steps of {t.get('batch_size')}, lr {t.get('lr')}; "
+                  f"distillation loss {t.get('loss_first10', float('nan')):.3f} (first 10 steps) -> "
+                  f"{t.get('loss_last10', float('nan')):.3f} (last 10)."]
     dyvte = rows.get("dyvte")
     if dyvte and dyvte.get("exit_layers_per_family"):
         lines += ["", "## Exit layers per question family (dyvte)", "",
