@@ -6,7 +6,7 @@ edge_prune.bench.evaluate, and writes benchmarks/results/guides_exits.{md,json} 
 exit layers per question family (guides_exits_exit_layers.png). Every finished fit and evaluation is
 stored at once, so an interrupted run continues where it stopped when started again.
 
-    .venv/bin/python benchmarks/guides_and_exits.py [--n 2000] [--train-n 512] [--steps 800] [--threads 2]
+    .venv/bin/python benchmarks/guides_and_exits.py [--n 2000] [--train-n 1536] [--steps 1200] [--threads 2]
 """
 
 from __future__ import annotations
@@ -320,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(MODEL))
     p.add_argument("--n", type=int, default=2000, help="test items per row")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--train-n", type=int, default=512, help="bench:train samples for the guides")
+    p.add_argument("--train-n", type=int, default=1536, help="bench:train samples for the guides")
     p.add_argument("--router-n", type=int, default=256, help="bench:train samples for each exit router")
-    p.add_argument("--steps", type=int, default=800, help="guide optimiser steps (8 samples each)")
+    p.add_argument("--steps", type=int, default=1200, help="guide optimiser steps (8 samples each)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--attention-distill", type=float, default=0.0,
                    help="weight of the guides' attention-distillation term (0: answer KL only)")
