@@ -45,9 +45,17 @@ def log(msg: str) -> None:
 class State:
     """Results so far, saved after every stage (the machine is shared and slow; runs get interrupted)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, model: Path):
+        from edge_prune.bench.evaluate import weights_sha256
+
         self.path = path
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        weights = weights_sha256(model)
+        if self.data.get("model_sha256") != weights:
+            # results (and artifacts, see convert_all) of other weights: start over
+            if self.data:
+                log(f"{model} is not the model of {path}: converting and measuring again")
+            self.data = {"model_sha256": weights}
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +101,7 @@ def convert_all(model: Path, named: dict[str, Path], work: Path, state: State) -
         for quant in QUANTS:
             key = f"{name}/{quant}"
             out = work / "artifacts" / f"{name}-{quant}"
-            if not (out / "manifest.json").is_file():
+            if not (out / "manifest.json").is_file() or key not in state.data.get("convert", {}):
                 log(f"converting {key}")
                 options = ConvertOptions(quant=quant, max_prompt_tokens=64, max_new_tokens=DECODE_TOKENS,
                                          overwrite=True)
@@ -217,7 +225,8 @@ def report(data: dict[str, Any], n: int) -> str:
     lines = ["# ExecuTorch artifacts on the benchmark model (issue 6)", "",
              "Produced by `benchmarks/executorch_acceptance.py` (XNNPACK, CPU, 2 shared cores; medians of "
              "interleaved requests). Prefill = token embedding + pruned decoder prefill; TTFT adds image "
-             "preprocessing, the vision encoder and the first token.", ""]
+             "preprocessing, the vision encoder and the first token. Model weights sha256 "
+             f"{data.get('model_sha256', 'not recorded')[:16]}.", ""]
     fid = data.get("fidelity", {})
     if fid:
         lines += [f"## Fidelity and accuracy ({n} test items, greedy, {MAX_NEW} new tokens)", "",
@@ -265,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ep-executorch"))
     ap.add_argument("--stages", default="convert,fidelity,speed,memory")
-    ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated subset of none,8da4w")
+    ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated: none, 8da4w, int8 (none is the fidelity reference)")
     ap.add_argument("--recipes", help="comma-separated subset, e.g. keep-all,fastv-60 (default: all found)")
     ap.add_argument("--results", type=Path, default=RESULTS / "executorch.md",
                     help="report path (its .json sibling keeps the state); a partial run can write its own")
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    state = State(args.results.with_suffix(".json"))
+    state = State(args.results.with_suffix(".json"), args.model)
     named = recipes(args.model, args.work)
     if args.recipes:
         named = {k: v for k, v in named.items() if k in args.recipes.split(",")}

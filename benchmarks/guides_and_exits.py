@@ -12,7 +12,6 @@ stored at once, so an interrupted run continues where it stopped when started ag
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from edge_prune.bench.evaluate import evaluate
+from edge_prune.bench.evaluate import evaluate, weights_sha256
 from edge_prune.bench.generator import FAMILIES, iter_items
 from edge_prune.bench.tokenizer import prompt as chat_prompt
 from edge_prune.cost import estimate
@@ -64,7 +63,7 @@ class Bench:
         self.shape = self.engine.adapter.shape
         self.json_path = RESULTS / "guides_exits.json"
         self.state: dict[str, Any] = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
-        weights = model_fingerprint(self.model)
+        weights = weights_sha256(self.model)
         if self.state.get("model_sha256") != weights:
             # stored rows and fitted modules describe other weights: start over (fitted() refits)
             if self.state:
@@ -166,14 +165,6 @@ class Bench:
         self.evaluated("fitprune-60", fitprune60)
         self.evaluated("fitprune-60+dyvte", self.fitted("fitprune-60+dyvte", self.fit_router(fitprune60)))
         self.evaluated("guides-90+dyvte", self.fitted("guides-90+dyvte", self.fit_router(guides)))
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """sha256 of the model's weight files: which model the stored rows and fits were measured on."""
-    digest = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")):
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
 
 
 # ---- report -------------------------------------------------------------------------------------------

@@ -60,3 +60,22 @@ def test_not_a_llava_dir(tmp_path, capsys):
     assert "BertModel" in capsys.readouterr().err
     with pytest.raises(InputError):
         evaluate(tmp_path, n=-1)
+
+
+def test_weights_fingerprint_follows_the_weights_not_the_folder(bench_sized_dir, tmp_path):
+    """Benchmark scripts keep results across runs keyed by this: a retrained model must not match."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from edge_prune.bench.evaluate import weights_sha256
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bench_sized_dir, copy)
+    assert weights_sha256(copy) == weights_sha256(bench_sized_dir)
+    (weights_file,) = copy.glob("*.safetensors")
+    tensors = load_file(str(weights_file))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    assert weights_sha256(copy) != weights_sha256(bench_sized_dir)

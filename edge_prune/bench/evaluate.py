@@ -6,6 +6,7 @@ Answers are greedy and one word; an answer counts when its first word equals the
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,15 @@ from edge_prune.errors import InputError
 from edge_prune.recipe import Recipe
 
 ABLATIONS = ("mean",)
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 over a model directory's safetensors files: which weights a stored result was measured on
+    (benchmark scripts that resume from saved state start over when it changes)."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass
