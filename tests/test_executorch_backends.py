@@ -48,6 +48,21 @@ def test_8da4w_artifact_runs_and_stays_close_to_fp32(model_dir, recipe, tmp_path
     assert q.delegation.methods["prefill"].share > 0.3
 
 
+def test_int8_artifact_answers_as_fp32_does(model_dir, recipe, tmp_path, images):
+    """int8 weights per channel (dynamically quantized activations): close enough to fp32 that the logits
+    barely move. The int8 weight-only scheme this replaced lowered with its scales lost (correlation ~0)."""
+    fp32 = _convert(model_dir, recipe, tmp_path / "fp32")
+    q = _convert(model_dir, recipe, tmp_path / "int8", quant="int8")
+    assert read_manifest(q.path).quant == "int8"
+    for image in images[:2]:
+        a = load(fp32.path).generate(image, PROMPTS[0], max_new_tokens=2)
+        b = load(q.path).generate(image, PROMPTS[0], max_new_tokens=2)
+        assert np.corrcoef(a.first_logits[0], b.first_logits[0])[0, 1] > 0.99
+        assert np.abs(a.first_logits - b.first_logits).max() < 0.1 * np.abs(a.first_logits).max()
+    assert q.delegation.methods["prefill"].share > 0.3
+    assert q.pte_bytes < fp32.pte_bytes
+
+
 COREML_KNOWN_FAILURE = pytest.mark.xfail(
     strict=True, raises=IndexError,
     reason="coremltools 9.0 (untested with torch 2.13) fails converting a linear layer of the exported decoder "
