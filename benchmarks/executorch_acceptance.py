@@ -229,14 +229,16 @@ def report(data: dict[str, Any], n: int) -> str:
              f"{data.get('model_sha256', 'not recorded')[:16]}.", ""]
     fid = data.get("fidelity", {})
     if fid:
+        quants = [q for q in ("8da4w", "int8") if any(q in f["accuracy"] for f in fid.values())]
         lines += [f"## Fidelity and accuracy ({n} test items, greedy, {MAX_NEW} new tokens)", "",
-                  "| recipe | fp32 artifact = engine | engine acc | fp32 acc | 8da4w acc | 8da4w - fp32 |",
-                  "|---|---|---|---|---|---|"]
+                  "| recipe | fp32 artifact = engine | engine acc | fp32 acc | "
+                  + "".join(f"{q} acc | {q} - fp32 | " for q in quants),
+                  "|---|---|---|---|" + "---|---|" * len(quants)]
         for name, f in fid.items():
             a = f["accuracy"]
-            q4 = a.get("8da4w", float("nan"))
-            lines.append(f"| {name} | {f['identical_to_engine']:.1%} | {a['engine']:.1%} | {a['none']:.1%} | "
-                         f"{q4:.1%} | {100 * (q4 - a['none']):+.1f} pt |")
+            cells = "".join(f"{a[q]:.1%} | {100 * (a[q] - a['none']):+.1f} pt | " if q in a else "| | "
+                            for q in quants)
+            lines.append(f"| {name} | {f['identical_to_engine']:.1%} | {a['engine']:.1%} | {a['none']:.1%} | {cells}")
         lines.append("")
     sp, mem = data.get("speed", {}), data.get("memory", {})
     if sp:
