@@ -144,6 +144,7 @@ class DecoderParts(nn.Module):
         self.lm_head = adapter.lm_head
         self.apply_rotary: Callable = adapter.apply_rotary
         self.scorer = recipe.prune.scorer
+        self.fitprune_combine = recipe.prune.fitprune_combine
         self.seed = recipe.prune.seed
         self.spec = spec
         self.skip = set(spec.skip_attention)
@@ -415,7 +416,13 @@ class Prefill(nn.Module):
             is_visual = (torch.arange(head_max.shape[1]) < n_vis).to(head_max.dtype)
             weights = torch.stack([is_after / n_after.clamp(min=1), is_visual / max(n_vis, 1)])[None]  # [1, 2, Q]
             cross, self_ = torch.bmm(weights, head_max)[0, :, :n_vis]
-            return torch.where(n_after > 0, cross * self_, self_)
+            if self.parts.fitprune_combine == "either":  # scoring.fitprune_combine: each over its mean
+                tiny = torch.finfo(cross.dtype).tiny
+                combined = torch.maximum(cross / (cross.sum() / n_vis).clamp(min=tiny),
+                                         self_ / (self_.sum() / n_vis).clamp(min=tiny))
+            else:
+                combined = cross * self_
+            return torch.where(n_after > 0, combined, self_)
         raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside an exported decoder")
 
     @staticmethod

@@ -394,7 +394,7 @@ class PrunedEngine:
                        scaling: float) -> ScoreContext:
         return ScoreContext(layer=layer, query=q, key=k, scaling=scaling, valid=ws.valid, visual=ws.visual,
                             text_after=ws.text_after, positions=ws.positions, seed=self.recipe.prune.seed,
-                            chunk=self.score_chunk)
+                            chunk=self.score_chunk, fitprune_combine=self.recipe.prune.fitprune_combine)
 
     def _trim(self, tokens: torch.Tensor) -> list[list[int]]:
         """Cut each row after its first end-of-sequence token (which is kept)."""

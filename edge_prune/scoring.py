@@ -38,6 +38,7 @@ class ScoreContext:
     seed: int = 0
     chunk: int = DEFAULT_CHUNK
     hidden: torch.Tensor | None = None  # [B, T, d] states after the layer's attention (learned scorers)
+    fitprune_combine: str = "product"  # see edge_prune.recipe.FITPRUNE_COMBINES
 
 
 def attention_rows(ctx: ScoreContext, rows: torch.Tensor) -> torch.Tensor:
@@ -89,9 +90,20 @@ def fitprune_attention(ctx: ScoreContext, value: torch.Tensor) -> tuple[torch.Te
 
 
 def fitprune_combine(ctx: ScoreContext, cross: torch.Tensor, self_: torch.Tensor) -> torch.Tensor:
-    """cross x self; a prompt that ends with the image has no cross rows, and scores by self alone."""
+    """cross x self ("product") or the larger of the two over their means ("either", see
+    recipe.FITPRUNE_COMBINES); a prompt that ends with the image has no cross rows, and scores by self alone."""
     has_cross = (ctx.text_after & ctx.valid).any(1, keepdim=True)
-    return torch.where(has_cross, cross * self_, self_)
+    if ctx.fitprune_combine == "either":
+        visual = (ctx.visual & ctx.valid).float()
+        n = visual.sum(1, keepdim=True).clamp(min=1)
+
+        def over_mean(x: torch.Tensor) -> torch.Tensor:
+            return x / ((x * visual).sum(1, keepdim=True) / n).clamp(min=torch.finfo(x.dtype).tiny)
+
+        combined = torch.maximum(over_mean(cross), over_mean(self_))
+    else:
+        combined = cross * self_
+    return torch.where(has_cross, combined, self_)
 
 
 def _fitprune_pass(ctx: ScoreContext, value: torch.Tensor | None):

@@ -25,7 +25,7 @@ def _rope(adapter: LlavaAdapter, q, k, x, positions):
 
 
 def _scores(kind: str, probs: torch.Tensor, visual: torch.Tensor, text_after: torch.Tensor,
-            valid_query: torch.Tensor, seed: int, layer: int) -> torch.Tensor:
+            valid_query: torch.Tensor, seed: int, layer: int, combine: str = "product") -> torch.Tensor:
     """probs: full attention [H, T, T] of one sample; visual/text_after/valid_query: [T] masks."""
     t = probs.shape[-1]
     if kind == "fastv":
@@ -35,7 +35,11 @@ def _scores(kind: str, probs: torch.Tensor, visual: torch.Tensor, text_after: to
         hm = probs.max(dim=0).values  # [T, T] head-max map
         cross = hm[text_after].sum(0)
         self_ = hm[visual].sum(0) / max(int(visual.sum()), 1)
-        return cross * self_ if bool(text_after.any()) else self_
+        if not bool(text_after.any()):
+            return self_
+        if combine == "either":  # the larger of the two, each relative to its mean over the visual tokens
+            return torch.maximum(cross / cross[visual].mean(), self_ / self_[visual].mean())
+        return cross * self_
     if kind == "random":
         x = (torch.arange(t) * 2654435761 + seed * 97531 + layer * 7919) % 2**32
         x = x ^ (x >> 16)
@@ -130,7 +134,8 @@ def reference_logits(adapter: LlavaAdapter, recipe: Recipe, batch: PreparedBatch
                         sc = _guide_scores(guides, g.layers.index(i), g.rank, h[0, :n_prompt], text_after[:n_prompt])
                     else:
                         sc = _scores(recipe.prune.scorer, probs[:, :n_prompt, :n_prompt], present[:n_prompt],
-                                     text_after[:n_prompt], alive[:n_prompt], recipe.prune.seed, i)
+                                     text_after[:n_prompt], alive[:n_prompt], recipe.prune.seed, i,
+                                     recipe.prune.fitprune_combine)
                     sc = sc.masked_fill(~present[:n_prompt], float("-inf"))
                     order = torch.sort(sc, descending=True, stable=True).indices
                     keep = torch.zeros(t, dtype=torch.bool)

@@ -28,12 +28,13 @@ def llava_next(tiny_next_dir):
     return LlavaAdapter.load(tiny_next_dir)
 
 
-@pytest.mark.parametrize("scorer", ["fastv", "fitprune", "random"])
+@pytest.mark.parametrize("scorer", ["fastv", "fitprune", "fitprune-either", "random"])
 @pytest.mark.parametrize("kind", ["llava", "llava_next"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_pruned_engine_matches_slow_reference(scorer, kind, batch_size, llava, llava_next, images):
     adapter = llava if kind == "llava" else llava_next
-    recipe = _recipe(adapter, scorer)
+    scorer, _, combine = scorer.partition("-")
+    recipe = _recipe(adapter, scorer, fitprune_combine=combine or "product")
     engine = PrunedEngine(adapter, recipe)
     prompts, imgs = PROMPTS[:batch_size], images[:batch_size]
     batch = adapter.prepare(prompts, imgs)

@@ -67,14 +67,15 @@ def _check(engine: PrunedEngine, images, boundaries=()):
     return exits
 
 
-@pytest.mark.parametrize("scorer, keep, keep_input", [
-    ("fitprune", [1.0, 0.5, 0.25, 0.1], 1.0),
-    ("fastv", [1.0, 0.3, 0.3, 0.3], 1.0),
-    ("random", [0.9, 0.5, 0.25, 0.1], 1.0),
-    ("pool", [0.25] * 4, 0.25),
+@pytest.mark.parametrize("scorer, keep, keep_input, combine", [
+    ("fitprune", [1.0, 0.5, 0.25, 0.1], 1.0, "product"),
+    ("fitprune", [1.0, 0.5, 0.25, 0.1], 1.0, "either"),
+    ("fastv", [1.0, 0.3, 0.3, 0.3], 1.0, "product"),
+    ("random", [0.9, 0.5, 0.25, 0.1], 1.0, "product"),
+    ("pool", [0.25] * 4, 0.25, "product"),
 ])
-def test_in_graph_scorers_match_the_engine(adapter, images, scorer, keep, keep_input):
-    prune = PruneSpec(scorer=scorer, keep_after=keep, keep_input=keep_input)
+def test_in_graph_scorers_match_the_engine(adapter, images, scorer, keep, keep_input, combine):
+    prune = PruneSpec(scorer=scorer, keep_after=keep, keep_input=keep_input, fitprune_combine=combine)
     recipe = Recipe(model=adapter.signature(), prune=prune)
     _check(PrunedEngine(adapter, recipe), images)
 

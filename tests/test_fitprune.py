@@ -53,6 +53,7 @@ def test_fit_meets_the_budget_and_matches_cost(tiny_llava_dir, calib_jsonl, tmp_
     summary = json.loads(capsys.readouterr().out)
     recipe = Recipe.load(out)
     assert recipe.prune.scorer == "fitprune" and recipe.provenance["method"] == "fitprune"
+    assert recipe.prune.fitprune_combine == "either"  # keep a token that stands out in cross or self mass
     assert recipe.provenance["calibration_samples"] == N_CALIB and 0 < recipe.provenance["alpha"] <= 1
     shape = load_shape(tiny_llava_dir)
     text = recipe.provenance["text_tokens"]

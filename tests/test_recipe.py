@@ -49,6 +49,7 @@ def test_identity_recipe_keeps_everything():
         (lambda d: d["model"].pop("hidden_size"), "missing keys \\['hidden_size'\\]"),
         (lambda d: d["prune"].update(bogus=1), "unknown keys \\['bogus'\\]"),
         (lambda d: d["budget"].update(accounting="vibes"), "budget.accounting"),
+        (lambda d: d["prune"].update(fitprune_combine="sum"), "prune.fitprune_combine' is 'sum', expected one of product, either"),
     ],
 )
 def test_invalid_recipes_name_the_field(tmp_path, mutate, message):
@@ -79,3 +80,10 @@ def test_save_is_atomic_and_rejects_invalid(tmp_path):
     with pytest.raises(RecipeError):
         recipe.save(tmp_path / "bad.json")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_recipes_without_fitprune_combine_keep_the_reference_product(tmp_path):
+    """Recipes written before the field existed score as they did; new fits say "either" (see fit)."""
+    data = Recipe(model=SIG, prune=PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.5, 0.2])).to_dict()
+    data["prune"].pop("fitprune_combine")
+    assert Recipe.load(_write(tmp_path, data)).prune.fitprune_combine == "product"

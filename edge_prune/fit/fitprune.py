@@ -137,7 +137,7 @@ class FitPruneFitter:
         for i in range(1, len(keep)):  # guard against float noise breaking monotonicity
             keep[i] = min(keep[i], keep[i - 1])
         scorer = "fitprune" if any(k < 1.0 for k in keep) else "none"
-        return Recipe(model=self.sig, prune=PruneSpec(scorer=scorer, keep_after=keep),
+        return Recipe(model=self.sig, prune=PruneSpec(scorer=scorer, keep_after=keep, fitprune_combine="either"),
                       budget=Budget(flops_reduction=self.target, accounting=self.accounting))
 
     def predicted_reduction(self, fractions: list[float]) -> float:
