@@ -415,11 +415,14 @@ class Prefill(nn.Module):
             n_after = is_after.sum()
             is_visual = (torch.arange(head_max.shape[1]) < n_vis).to(head_max.dtype)
             weights = torch.stack([is_after / n_after.clamp(min=1), is_visual / max(n_vis, 1)])[None]  # [1, 2, Q]
-            cross, self_ = torch.bmm(weights, head_max)[0, :, :n_vis]
+            masses = torch.bmm(weights, head_max)  # [1, 2, K]: cross and self mass of every key
+            cross, self_ = masses[0, :, :n_vis]
             if self.parts.fitprune_combine == "either":  # scoring.fitprune_combine: each over its mean
-                tiny = torch.finfo(cross.dtype).tiny
-                combined = torch.maximum(cross / (cross.sum() / n_vis).clamp(min=tiny),
-                                         self_ / (self_.sum() / n_vis).clamp(min=tiny))
+                # the means as one more bmm with the visual-key indicator: a sum would be a portable
+                # kernel between two partitions at every dropping layer
+                means = torch.bmm(masses, is_visual[None, :, None]) / max(n_vis, 1)  # [1, 2, 1]
+                relative = masses / means.clamp(min=torch.finfo(masses.dtype).tiny)
+                combined = torch.maximum(relative[0, 0, :n_vis], relative[0, 1, :n_vis])
             else:
                 combined = cross * self_
             return torch.where(n_after > 0, combined, self_)
