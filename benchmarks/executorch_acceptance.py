@@ -46,16 +46,13 @@ class State:
     """Results so far, saved after every stage (the machine is shared and slow; runs get interrupted)."""
 
     def __init__(self, path: Path, model: Path):
-        from edge_prune.bench.evaluate import weights_sha256
+        from edge_prune.bench.evaluate import stored_results
 
         self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-        weights = weights_sha256(model)
-        if self.data.get("model_sha256") != weights:
-            # results (and artifacts, see convert_all) of other weights: start over
-            if self.data:
-                log(f"{model} is not the model of {path}: converting and measuring again")
-            self.data = {"model_sha256": weights}
+        # results (and artifacts, see convert_all) of other weights are not reused
+        self.data, set_aside = stored_results(path, model)
+        if set_aside:
+            log(f"{model} is not the model of {path}: converting and measuring again")
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from edge_prune.bench.evaluate import evaluate, weights_sha256
+from edge_prune.bench.evaluate import evaluate, stored_results
 from edge_prune.bench.generator import FAMILIES, iter_items
 from edge_prune.bench.tokenizer import prompt as chat_prompt
 from edge_prune.cost import estimate
@@ -62,13 +62,9 @@ class Bench:
         self.engine = PrunedEngine.load(self.model)
         self.shape = self.engine.adapter.shape
         self.json_path = RESULTS / "guides_exits.json"
-        self.state: dict[str, Any] = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
-        weights = weights_sha256(self.model)
-        if self.state.get("model_sha256") != weights:
-            # stored rows and fitted modules describe other weights: start over (fitted() refits)
-            if self.state:
-                log(f"{self.model} is not the model of {self.json_path}: refitting and re-evaluating every row")
-            self.state = {"model_sha256": weights}
+        self.state, set_aside = stored_results(self.json_path, self.model)  # fitted() refits what it lacks
+        if set_aside:
+            log(f"{self.model} is not the model of {self.json_path}: refitting and re-evaluating every row")
         self.state.setdefault("rows", {})
         self.state.setdefault("fits", {})
         tok = self.engine.adapter.processor.tokenizer

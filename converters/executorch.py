@@ -416,7 +416,7 @@ class Prefill(nn.Module):
             is_visual = (torch.arange(head_max.shape[1]) < n_vis).to(head_max.dtype)
             weights = torch.stack([is_after / n_after.clamp(min=1), is_visual / max(n_vis, 1)])[None]  # [1, 2, Q]
             masses = torch.bmm(weights, head_max)  # [1, 2, K]: cross and self mass of every key
-            cross, self_ = masses[0, :, :n_vis]
+            self_ = masses[0, 1, :n_vis]
             if self.parts.fitprune_combine == "either":  # scoring.fitprune_combine: each over its mean
                 # the means as one more bmm with the visual-key indicator: a sum would be a portable
                 # kernel between two partitions at every dropping layer
@@ -424,7 +424,7 @@ class Prefill(nn.Module):
                 relative = masses / means.clamp(min=torch.finfo(masses.dtype).tiny)
                 combined = torch.maximum(relative[0, 0, :n_vis], relative[0, 1, :n_vis])
             else:
-                combined = cross * self_
+                combined = masses[0, 0, :n_vis] * self_
             return torch.where(n_after > 0, combined, self_)
         raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside an exported decoder")
 

@@ -7,6 +7,7 @@ Answers are greedy and one word; an answer counts when its first word equals the
 from __future__ import annotations
 
 import hashlib
+import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,17 @@ def weights_sha256(model_dir: str | Path) -> str:
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         digest.update(f.read_bytes())
     return digest.hexdigest()
+
+
+def stored_results(path: str | Path, model_dir: str | Path) -> tuple[dict[str, Any], bool]:
+    """A benchmark script's saved state at `path` if it was measured on `model_dir`'s weights, else a
+    fresh one; the flag says a saved state was set aside (its rows and fits describe other weights)."""
+    path = Path(path)
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    weights = weights_sha256(model_dir)
+    if saved.get("model_sha256") == weights:
+        return saved, False
+    return {"model_sha256": weights}, bool(saved)
 
 
 @dataclass
