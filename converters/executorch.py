@@ -200,7 +200,9 @@ class DecoderParts(nn.Module):
         repeat_kv); logits and probabilities stay in this layout, [KVH, G*Q, K]: regrouping them,
         with Q and K both dynamic, would be a portable copy of the layer's largest tensor.
         """
-        return t.reshape(self.kv_heads, -1, self.head_dim)
+        # the row count spelled out: from a -1 the lowered graph derives it as numel // (KVH * hd), a
+        # symbolic floordiv that Core ML's converter (coremltools 9) types as a float and fails on
+        return t.reshape(self.kv_heads, (self.heads // self.kv_heads) * t.shape[2], self.head_dim)
 
     def head_probs(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> list[torch.Tensor]:
         """Each head's softmax attention [1, Q, K] (float32), from grouped q and k as `qkv` gives them.
@@ -213,7 +215,7 @@ class DecoderParts(nn.Module):
         runs; only q's and k's small head slices are portable copies. `bias` [Q, K]: see `causal_bias`.
         """
         g = self.heads // self.kv_heads
-        rows = q.shape[1] // g
+        rows = bias.shape[0]  # Q; not q.shape[1] // g, a symbolic floordiv Core ML's converter types as a float
         out = []
         for kv in range(self.kv_heads):
             keys = k[:, kv].transpose(1, 2)
@@ -237,7 +239,9 @@ class DecoderParts(nn.Module):
         is_after = after.to(q.dtype)
         logits = torch.bmm(q, k.transpose(1, 2)) / g.rank ** 0.5 + (is_after - 1) * 1e30
         context = torch.bmm(torch.softmax(logits, dim=-1), v) * is_after.sum().clamp(0, 1)
-        return (torch.nn.functional.gelu(q + context) @ g.w_out[j] + g.b_out[j])[0]
+        # a linear to one output rather than a matmul by the [r] vector, which Core ML's converter
+        # (coremltools 9) cannot type
+        return torch.nn.functional.linear(torch.nn.functional.gelu(q + context), g.w_out[j][None], g.b_out[j:j + 1])[0, :, 0]
 
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
         """`scoring.rms_normalize` (no weight), the mean of squares as a linear, as `rms_norm`."""
@@ -404,9 +408,12 @@ class Prefill(nn.Module):
         # elementwise max); indexing them would be a portable copy of the layer's largest tensor.
         if scorer == "fastv":  # attention the prompt's last token pays each token, mean over heads
             rows = probs.shape[1]  # grouped [KVH, G*Q, K]: row g*Q + j is query j of the group's head g
-            q = rows // (self.parts.heads // self.parts.kv_heads)
+            q = x.shape[1]  # Q as the states' length, not rows // G: Core ML's converter types a symbolic floordiv as a float
             last = ((torch.arange(rows) % q) == q - 1).to(probs.dtype) / self.parts.heads
-            return torch.bmm(last.expand(probs.shape[0], 1, rows), probs).sum(0)[0, :n_vis]
+            # [KVH, 1, rows] by a broadcasting add, not an expand: Core ML's converter (coremltools 9)
+            # types an expand's symbolic size as a float and fails on it
+            per_group = torch.zeros(probs.shape[0], 1, 1, dtype=probs.dtype) + last
+            return torch.bmm(per_group, probs).sum(0)[0, :n_vis]
         if scorer == "fitprune":  # cross x self, head-max (scoring.fitprune_scores); probs: see head_probs
             head_max = probs[0]
             for p_h in probs[1:]:
@@ -691,7 +698,10 @@ def partitioners(options: ConvertOptions) -> list[Any]:
         import coremltools as ct
 
         # The KV cache is a mutable buffer, i.e. Core ML "state", which needs iOS 18 / macOS 15.
-        specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=ct.target.iOS18)
+        # coremltools 9's fuse_linear_bias pass crashes on the RMSNorm's mean (a linear to one output)
+        # plus its scalar eps ('tuple index out of range'); run its default pipeline without that pass.
+        passes = [name for name in ct.PassPipeline.DEFAULT.passes if name != "common::fuse_linear_bias"]
+        specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=ct.target.iOS18, pass_names=passes)
         specs.append(CoreMLBackend.generate_multimethod_weight_sharing_strategy_compile_spec(
             MULTIMETHOD_WEIGHT_SHARING_STRATEGY.DISABLED))
         return [CoreMLPartitioner(compile_specs=specs)]

@@ -330,7 +330,9 @@ class ExitRouter(torch.nn.Module):
         """[B] exit logits at decoder layer `layer` (one of self.layers)."""
         j = self.layers.index(layer)
         h = torch.nn.functional.gelu(features.to(self.w1.dtype) @ self.w1.T + self.b1 + self.layer_embed[j])
-        return h @ self.w2 + self.layer_bias[j]
+        # a linear to one output, not a matmul by the [rank] vector: the exported prefill calls this,
+        # and Core ML's converter (coremltools 9) cannot type a matmul by a vector
+        return torch.nn.functional.linear(h, self.w2[None], self.layer_bias[j:j + 1])[..., 0]
 
     def save(self, path: str | Path, num_layers: int) -> Path:
         tensors = {"w1": self.w1, "b1": self.b1, "layer_embed": self.layer_embed, "w2": self.w2,
