@@ -61,8 +61,7 @@ def convert_one(model: Path, recipe: Path, backend: str, out: Path) -> dict[str,
 
 def pruned_prefill(methods: dict[str, Any]) -> dict[str, Any]:
     """The image prefill's nodes, summed over its segments when exits split it (prefill_<l>, prefill_exit_<l>)."""
-    parts = [m for name, m in methods.items() if name == "prefill" or name.startswith(("prefill_exit_", "prefill_"))
-             and name != "prefill_text"]
+    parts = [m for name, m in methods.items() if name == "prefill" or (name.startswith("prefill_") and name != "prefill_text")]
     left: dict[str, int] = {}
     for m in parts:
         for op, n in m["top_non_delegated"].items():
