@@ -240,6 +240,37 @@ def test_count_looks_are_one_centre_per_object_and_a_sink_on_the_second_head() -
     assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
 
 
+def test_count_look_off_leaves_count_questions_without_a_look() -> None:
+    """count_look=False: no look at a count question's predicting token; every other look is as before."""
+    tok = build_tokenizer(TrainConfig().vocab_size)
+    rows = [0, 1, 2, 3]
+    _, on, counting = _count_batch(tok, rows)
+    _, off, _ = _count_batch(tok, rows, count_look=False)
+    at = lambda look: [(int(r), int(q)) for r, q in zip(look["row"], look["query"])]
+    assert any(key in counting for key in at(on))
+    kept = [i for i, key in enumerate(at(on)) if key not in counting]
+    assert at(off) == [at(on)[i] for i in kept]
+    assert torch.equal(off["patches"], on["patches"][kept])
+
+
+def test_training_refuses_count_look_off_with_a_count_look_option(tmp_path: Path) -> None:
+    from edge_prune.bench.train import main
+
+    with pytest.raises(ValueError, match="--count-look 0"):
+        main(["--smoke", "--out", str(tmp_path / "m"), "--count-look", "0", "--count-sink", "6"])
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_training_on_cuda_without_one_is_a_clear_error(tmp_path: Path) -> None:
+    from edge_prune.bench.train import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present here")
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--out", str(tmp_path / "m"), "--device", "cuda"])
+    assert not (tmp_path / "m").exists()
+
+
 def test_count_pool_looks_spread_over_the_image_and_read_the_count() -> None:
     """With count_pool a count question's second guided head is asked for even attention over every
     visual token (KL to that) and its output, at the predicting token, is read out as the object
