@@ -3,9 +3,9 @@
 
     .venv/bin/python benchmarks/host_prediction.py [--runs 15]
 
-Measured: the eager engine, single requests, the two variants interleaved, medians. Predicted:
-the cost model with the host profile calibrated by its decoder-layer/bandwidth probe, re-run in
-every round between the measurements. Also prints the
+Measured: the eager engine, single requests, the variants interleaved, medians. Predicted:
+the cost model with the host profile calibrated by its decoder-layer probe (timed on the engine's
+own text-only prefill) and bandwidth probe, re-run in every round between the measurements. Also prints the
 predicted memory of LLaVA-1.5-7B at q4 on the Jetson Orin Nano profile, with and without a 60%
 recipe, part by part. Writes benchmarks/results/host_prediction.md/.json.
 """
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     # ±20% over a minute, and a probe taken before or after the measurements inherits that drift.
     host_profile = load_profile("host")
     for _ in tqdm(range(args.runs), desc="rounds"):
-        host = calibrate_host(host_profile, shape, text_tokens, seconds=args.probe_seconds)
+        host = calibrate_host(host_profile, shape, text_tokens, seconds=args.probe_seconds,
+                              prefill=engines["keep-all"].text_prefill)
         probes.append((host.compute.fp32, host.compute.layer_overhead_ms))
         for name, engine in engines.items():
             t = engine.generate(text, item.image, max_new_tokens=1).timings
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = predict(shape, variants[name], host, quant="fp32", text_tokens=text_tokens)
             predicted[name]["prefill_ms"].append(pred.prefill_ms)
             predicted[name]["ttft_ms"].append(pred.ttft_ms)
+    n_probe = shape.num_visual_tokens + text_tokens  # the probe's token counts (predict._layer_probe)
     tflops = statistics.median(p[0] for p in probes)
     overhead = statistics.median(p[1] for p in probes)
     rows = []
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
              f"Model `{args.model.relative_to(ROOT.parent)}`, {text_tokens} text + {shape.num_visual_tokens} visual "
              f"tokens, eager engine fp32, {args.runs} rounds (medians), each: the host probe "
              f"({args.probe_seconds} s), then one request per variant. Host probe medians: decoder layer "
-             f"{tflops * 1e3:.1f} GFLOP/s + {overhead:.2f} ms fixed per layer. "
+             f"{tflops * 1e3:.1f} GFLOP/s + {overhead:.2f} ms fixed per layer, timed on the engine's own text-only "
+             f"prefill at {n_probe}, {max(8, n_probe // 4)} and {max(8, n_probe // 16)} tokens. "
              "Command: `.venv/bin/python benchmarks/host_prediction.py`.", "",
              "| variant | stage | measured ms | predicted ms | error | within ±30% |", "|---|---|---|---|---|---|"]
     for r in rows:

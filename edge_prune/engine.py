@@ -197,6 +197,13 @@ class PrunedEngine:
         )
 
     @torch.no_grad()
+    def text_prefill(self, tokens: int) -> PrefillOutput:
+        """Prefill a text-only prompt of `tokens` tokens (the pad token repeated): what the host
+        profile's probe times to learn the engine's fixed cost per request (predict.calibrate_host)."""
+        ids = torch.full((1, tokens), self.adapter.pad_token_id, dtype=torch.long, device=self.adapter.device)
+        return self.prefill(PreparedBatch(ids, torch.ones_like(ids), None, None))
+
+    @torch.no_grad()
     def prefill(self, batch: PreparedBatch) -> PrefillOutput:
         t0 = time.perf_counter()
         features = self.adapter.image_features(batch)

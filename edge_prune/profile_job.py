@@ -67,6 +67,7 @@ def run_profile(target: str | None, profile_name: str, recipe_path: str | None =
     recipe = Recipe.load(recipe_path) if recipe_path else None
     shape: ModelShape | None = None
     measurement: Measurement | None = None
+    engine = None  # the eager engine, when the target is a checkpoint
     artifact_mb = 0.0
     if target is None and config is None:
         raise InputError("give an artifact or checkpoint directory to measure, or --config CONFIG to predict only")
@@ -111,7 +112,10 @@ def run_profile(target: str | None, profile_name: str, recipe_path: str | None =
         if recipe is not None:
             recipe.check_model(shape.signature())
         if profile.calibrate:
-            profile = calibrate_host(profile, shape, text_tokens)
+            # the eager engine's fixed cost per request is probed with the engine itself; an artifact's
+            # runtime is another program, so its profile keeps the layer probe alone
+            prefill = engine.text_prefill if engine is not None else None
+            profile = calibrate_host(profile, shape, text_tokens, prefill=prefill)
         prediction = predict(shape, recipe, profile, quant=quant, text_tokens=text_tokens)
     values: dict[str, tuple[float, str]] = {}
     if measurement is not None:

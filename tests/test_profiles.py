@@ -203,3 +203,42 @@ def test_host_layer_probe_separates_rate_from_fixed_cost(monkeypatch):
     rate, fixed_ms = predict_mod._layer_probe(shape, 300, seconds=0.5)
     assert rate == pytest.approx(2e9, rel=0.02)
     assert fixed_ms == pytest.approx(3.0, rel=0.02)
+
+
+def test_host_probe_times_the_runtimes_own_prefill_when_given_one(monkeypatch):
+    """With the runtime's text-only prefill at hand, the probe times it (every decoder layer per call)
+    rather than a bare layer: a prefill costing num_layers x (FLOPs / 1 GFLOP/s + 0.5 ms) gives those
+    per-layer figures, and no stand-in layer is built."""
+    import types
+
+    import edge_prune.predict as predict_mod
+    from edge_prune.cost import decoder_layer_flops
+    from edge_prune.models.shapes import load_shape
+
+    shape = load_shape("benchmarks/models/toyvqa-llava")
+    clock = {"now": 0.0}
+    asked: list[int] = []
+
+    def prefill(tokens):
+        asked.append(tokens)
+        clock["now"] += shape.num_layers * (decoder_layer_flops(shape, tokens) / 1e9 + 0.0005)
+
+    def no_layer(_shape):
+        raise AssertionError("the bare-layer probe ran although the runtime's prefill was given")
+
+    monkeypatch.setattr(predict_mod, "_torch_layer", no_layer)
+    monkeypatch.setattr(predict_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    rate, fixed_ms = predict_mod._layer_probe(shape, 589, seconds=0.5, prefill=prefill)
+    assert rate == pytest.approx(1e9, rel=0.01)
+    assert fixed_ms == pytest.approx(0.5, rel=0.01)
+    assert set(asked) == {589, 147, 36}
+
+
+def test_engine_text_prefill_runs_every_layer_on_a_text_only_prompt(tiny_llava_dir):
+    from edge_prune.engine import PrunedEngine
+
+    engine = PrunedEngine.load(tiny_llava_dir)
+    out = engine.text_prefill(12)
+    assert out.logits.shape[0] == 1 and len(out.caches) == engine.adapter.num_layers
+    assert all(c.key.shape[2] == 12 for c in out.caches)
+    assert out.kept[0].visual_tokens == 0
