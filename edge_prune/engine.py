@@ -199,7 +199,8 @@ class PrunedEngine:
     @torch.no_grad()
     def text_prefill(self, tokens: int) -> PrefillOutput:
         """Prefill a text-only prompt of `tokens` tokens (the pad token repeated): what the host
-        profile's probe times to learn the engine's fixed cost per request (predict.calibrate_host)."""
+        profile's probe times at three lengths for the engine's own per-layer rate and fixed cost
+        (predict.calibrate_host)."""
         ids = torch.full((1, tokens), self.adapter.pad_token_id, dtype=torch.long, device=self.adapter.device)
         return self.prefill(PreparedBatch(ids, torch.ones_like(ids), None, None))
 
