@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.results.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, args.results.with_suffix(".json"))
-    args.results.write_text(report(data))
-    print(report(data))
+    text = report(data)
+    args.results.write_text(text)
+    print(text)
     return 0
 
 

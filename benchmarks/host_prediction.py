@@ -28,7 +28,7 @@ from edge_prune.engine import PrunedEngine
 from edge_prune.fit.baselines import baseline_recipe
 from edge_prune.models.adapter import LlavaAdapter
 from edge_prune.models.shapes import load_shape
-from edge_prune.predict import calibrate_host, predict
+from edge_prune.predict import calibrate_host, predict, probe_sizes
 from edge_prune.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = predict(shape, variants[name], host, quant="fp32", text_tokens=text_tokens)
             predicted[name]["prefill_ms"].append(pred.prefill_ms)
             predicted[name]["ttft_ms"].append(pred.ttft_ms)
-    n_probe = shape.num_visual_tokens + text_tokens  # the probe's token counts (predict._layer_probe)
+    sizes = probe_sizes(shape.num_visual_tokens + text_tokens)
     tflops = statistics.median(p[0] for p in probes)
     overhead = statistics.median(p[1] for p in probes)
     rows = []
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
              f"tokens, eager engine fp32, {args.runs} rounds (medians), each: the host probe "
              f"({args.probe_seconds} s), then one request per variant. Host probe medians: decoder layer "
              f"{tflops * 1e3:.1f} GFLOP/s + {overhead:.2f} ms fixed per layer, timed on the engine's own text-only "
-             f"prefill at {n_probe}, {max(8, n_probe // 4)} and {max(8, n_probe // 16)} tokens. "
+             f"prefill at {sizes[0]}, {sizes[1]} and {sizes[2]} tokens. "
              "Command: `.venv/bin/python benchmarks/host_prediction.py`.", "",
              "| variant | stage | measured ms | predicted ms | error | within ±30% |", "|---|---|---|---|---|---|"]
     for r in rows:

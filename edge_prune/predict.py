@@ -137,6 +137,12 @@ PROBE_BIG_TOKENS = 128  # tokens for probing such a layer: compute-bound, yet ~0
 PROBE_CHAIN = 4  # layers run back to back per timed call (one layer alone ran ~15% slower than in a model)
 
 
+def probe_sizes(tokens: int) -> list[int]:
+    """The token counts the layer probe times for a request of `tokens`: it, a quarter and a sixteenth
+    of it, down to what pruned layers see."""
+    return [tokens, max(8, tokens // 4), max(8, tokens // 16)]
+
+
 def _layer_probe(shape: ModelShape, tokens: int, seconds: float,
                  prefill: Callable[[int], Any] | None = None) -> tuple[float, float]:
     """(FLOP/s, ms per layer) from timing a random decoder layer at `tokens`, a quarter and a sixteenth of them.
@@ -156,7 +162,7 @@ def _layer_probe(shape: ModelShape, tokens: int, seconds: float,
     """
     big = decoder_layer_flops(shape, tokens) > PROBE_LAYER_FLOPS
     if prefill is not None and not big:
-        run, per_call = (lambda n: prefill(n)), shape.num_layers  # one call runs every decoder layer
+        run, per_call = prefill, shape.num_layers  # one call runs every decoder layer
     else:
         try:
             run, per_call = _torch_layer(shape), PROBE_CHAIN
@@ -174,7 +180,7 @@ def _layer_probe(shape: ModelShape, tokens: int, seconds: float,
             run(tokens, chain=1)
             times.append(time.perf_counter() - t)
         return decoder_layer_flops(shape, tokens) / float(np.median(times)), 0.0
-    sizes = [tokens, max(8, tokens // 4), max(8, tokens // 16)]  # down to what pruned layers see
+    sizes = probe_sizes(tokens)
     flops = np.array([decoder_layer_flops(shape, n) for n in sizes], dtype=np.float64)
     for n in sizes:
         run(n)  # warm-up

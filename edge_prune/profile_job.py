@@ -112,8 +112,8 @@ def run_profile(target: str | None, profile_name: str, recipe_path: str | None =
         if recipe is not None:
             recipe.check_model(shape.signature())
         if profile.calibrate:
-            # the eager engine's fixed cost per request is probed with the engine itself; an artifact's
-            # runtime is another program, so its profile keeps the layer probe alone
+            # a checkpoint runs in the eager engine, so the probe times the engine's own prefill; an
+            # artifact's runtime is another program, so its profile keeps the bare-layer probe
             prefill = engine.text_prefill if engine is not None else None
             profile = calibrate_host(profile, shape, text_tokens, prefill=prefill)
         prediction = predict(shape, recipe, profile, quant=quant, text_tokens=text_tokens)
