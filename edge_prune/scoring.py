@@ -134,12 +134,15 @@ def _fitprune_pass(ctx: ScoreContext, value: torch.Tensor | None):
         logits[..., start:].masked_fill_(~diagonal, low)
         if padded:
             logits.masked_fill_(~ctx.valid[:, None, None, :end], low)
-        probs = torch.softmax(logits, dim=-1)  # [B, H, c, end]
+        # softmax in place: a second [B, H, c, end] buffer would be the pass's largest allocation
+        probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        probs.div_(probs.sum(dim=-1, keepdim=True))
         if out is not None:
             out[:, :, start:end] = torch.matmul(probs.to(value.dtype), value[:, :, :end])
         head_max = probs.amax(dim=1)  # [B, c, end]
-        cross[:, :end] += (head_max * cross_rows[:, start:end, None]).sum(1)
-        self_[:, :end] += (head_max * self_rows[:, start:end, None]).sum(1)
+        # sums over the chunk's cross (text) and self (visual) query rows, without [B, c, end] products
+        cross[:, :end] += torch.bmm(cross_rows[:, None, start:end].float(), head_max)[:, 0]
+        self_[:, :end] += torch.bmm(self_rows[:, None, start:end].float(), head_max)[:, 0]
     cross = cross / cross_rows.sum(1, keepdim=True).clamp(min=1)
     self_ = self_ / self_rows.sum(1, keepdim=True).clamp(min=1)
     return cross, self_, out
