@@ -510,3 +510,62 @@ def test_residual_penalty_is_the_mean_square_rms_at_text_positions_only() -> Non
     hidden[0, 2] = 2.0  # RMS 2 -> 4
     text = torch.tensor([[False, False, True, True]])
     assert float(text_residual_penalty(hidden, text)) == pytest.approx(2.0)
+
+
+def test_vision_exit_mask_is_the_decoder_run_without_visual_tokens_after_its_layer() -> None:
+    """A masked row's text logits equal a run that drops its visual tokens after layer `after` (what a
+    recipe's keep_after = 0 does at inference); an unmasked row is untouched; the mask is one-shot."""
+    from edge_prune.bench.train import VisionExitMask
+
+    cfg = TrainConfig(**{**SMOKE, "text_layers": 3})
+    tok = build_tokenizer(cfg.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg, tok).eval()
+    batch = make_batch(tok, "train", [0, 1], turns_per_family=1, n_visual=576)
+    for key in ("look_targets", "patch_targets", "answer_turns", "answer_queries", "labels"):
+        batch.pop(key)
+    ids, image = batch["input_ids"], model.config.image_token_id
+    lm = model.model.language_model
+    entering: dict = {}
+    lm.layers[2].register_forward_pre_hook(lambda _m, args, kw: entering.__setitem__("h", kw.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+    with torch.no_grad():
+        plain = model(**batch).logits
+        exit_mask = VisionExitMask(model, after=1)
+        exit_mask.set_rows(ids, image, torch.tensor([True, False]))
+        masked = model(**batch).logits
+        exit_mask.hidden = None
+        assert torch.equal(model(**batch).logits, plain)  # hidden cleared: the whole image again
+        # by hand: row 0's text tokens from layer 2 on, at their own positions, visual tokens gone
+        row = 0
+        real = batch["attention_mask"][row] > 0
+        kept = (real & (ids[row] != image)).nonzero().squeeze(1)
+        h = entering["h"][row:row + 1, kept]
+        position_embeddings = lm.rotary_emb(h, kept[None])
+        h = lm.layers[2](h, attention_mask=None, position_ids=kept[None], position_embeddings=position_embeddings)
+        by_hand = model.lm_head(lm.norm(h))[0]
+    first_text_after_image = int((ids[row] == image).nonzero().max()) + 1
+    after_image = kept >= first_text_after_image
+    assert after_image.sum() > 5
+    torch.testing.assert_close(masked[row, kept[after_image]], by_hand[after_image], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(masked[row, kept[after_image]], plain[row, kept[after_image]], atol=1e-3)
+    torch.testing.assert_close(masked[1], plain[1])
+
+
+def test_training_refuses_a_look_layer_after_the_vision_exit(tmp_path: Path) -> None:
+    from edge_prune.bench.train import main
+
+    with pytest.raises(ValueError, match="--vision-exit-after"):
+        main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "1", "--vision-exit-after", "0"])
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_smoke_training_with_a_vision_exit_saves_a_plain_llava(tmp_path: Path) -> None:
+    """The mask is training-only: the saved model loads as a LlavaForConditionalGeneration with no hooks."""
+    from edge_prune.bench.train import main
+
+    main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "0", "--vision-exit-after", "0",
+          "--vision-exit-rate", "1"])
+    run = json.loads((tmp_path / "m" / "training_run.json").read_text())
+    assert run["config"]["vision_exit_after"] == 0
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert not any(layer.self_attn._forward_pre_hooks for layer in model.model.language_model.layers)

@@ -109,6 +109,12 @@ class TrainConfig:
     # host's step budgets, the one run whose guided looks never took (look loss ~1.0) had the lowest
     # count answer loss (0.50 against 0.65-0.83) and 78% count at test, against 66-69% for the rest
     count_look: int = 1
+    # >= 0: in a share `vision_exit_rate` of training sequences, text tokens cannot attend to the visual
+    # tokens in the decoder layers after this one (VisionExitMask), so the model learns to have read
+    # the image by then, as LLaVA-1.5 has by its shallow layers (FastV: attention to image tokens is
+    # small after layer 2); every later layer still sees the image in the other sequences. -1 = off
+    vision_exit_after: int = -1
+    vision_exit_rate: float = 0.5
     # share of the answer loss taken family by family (see family_balanced_answer_loss): 1 = every
     # question family weighs the same in each batch, 0 = the plain mean over answer tokens (the
     # published model), under which count, one question per image, has a fifth of exists' weight.
@@ -544,6 +550,41 @@ def family_balanced_answer_loss(logits: torch.Tensor, labels: torch.Tensor, turn
     return torch.stack([ce[family == f].mean() for f in family[family >= 0].unique()]).mean()
 
 
+class VisionExitMask:
+    """Training only: in the chosen rows of a batch, hide the visual tokens from every text token in
+    the decoder layers after `after`, as if all visual tokens had exited there (what the recipes'
+    `keep_after` = 0 and the exit routers do at inference). The visual tokens themselves still run,
+    so this is a mask on the layers' attention, not a shorter sequence: same shapes, one batch.
+    """
+
+    def __init__(self, model: LlavaForConditionalGeneration, after: int) -> None:
+        layers = model.model.language_model.layers
+        if not 0 <= after < len(layers) - 1:
+            raise ValueError(f"--vision-exit-after must name a decoder layer 0..{len(layers) - 2} "
+                             f"(a later layer must remain to exit before), got {after}")
+        self.hidden: torch.Tensor | None = None  # (B, T, T) True = this query may not see this key
+        for layer in layers[after + 1:]:
+            layer.self_attn.register_forward_pre_hook(self._mask, with_kwargs=True)
+
+    def set_rows(self, input_ids: torch.Tensor, image_token_id: int, rows: torch.Tensor) -> None:
+        """Exit the visual tokens in `rows` (bool, one per sequence) for the next forward pass."""
+        visual = input_ids == image_token_id
+        self.hidden = (rows[:, None, None] & ~visual[:, :, None] & visual[:, None, :]) if bool(rows.any()) else None
+
+    def _mask(self, _module, args, kwargs):
+        if self.hidden is None:
+            return None
+        mask = kwargs.get("attention_mask")
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        n = hidden_states.shape[1]
+        if mask is None:  # no padding: SDPA would run causal without a mask; spell it out
+            mask = torch.ones(n, n, dtype=torch.bool, device=hidden_states.device).tril()[None, None]
+        if mask.dtype != torch.bool:
+            raise ValueError("VisionExitMask needs the boolean masks of the sdpa attention implementation")
+        kwargs["attention_mask"] = mask & ~self.hidden[:, None]
+        return args, kwargs
+
+
 def text_residual_penalty(last_hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Mean squared RMS of the decoder's last hidden state (before the final norm) at text positions.
 
@@ -928,6 +969,12 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         raise ValueError(f"--look-layers {cfg.look_layers} must name decoder layers 0..{cfg.text_layers - 1}")
     if cfg.look_heads not in (1, 2):
         raise ValueError(f"--look-heads must be 1 or 2, got {cfg.look_heads}")
+    if cfg.vision_exit_after >= 0:
+        if cfg.look_weight > 0 and max(look_layers) > cfg.vision_exit_after:
+            raise ValueError(f"--look-layers {cfg.look_layers} include a layer after --vision-exit-after "
+                             f"{cfg.vision_exit_after}, where the image is hidden: look at or before it")
+        if not 0 < cfg.vision_exit_rate <= 1:
+            raise ValueError(f"--vision-exit-rate must be in (0, 1], got {cfg.vision_exit_rate}")
     readout_keys = (LookGuide.readout_keys(look_layers, cfg.look_heads)
                     if cfg.look_weight > 0 and cfg.readout_weight > 0 else [])
     query_keys = LookGuide.query_keys(look_layers) if cfg.look_weight > 0 and cfg.query_weight > 0 else []
@@ -949,6 +996,8 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out))
     model.model.language_model.norm.register_forward_pre_hook(lambda _m, args: captured.__setitem__("last_hidden", args[0]))
     guide = LookGuide(model, look_layers, cfg.look_heads) if cfg.look_weight > 0 else None
+    vision_exit = VisionExitMask(model, cfg.vision_exit_after) if cfg.vision_exit_after >= 0 else None
+    exit_rng = torch.Generator().manual_seed(cfg.seed)
     groups = []
     for in_tower in (False, True):
         named = [(n, p) for n, p in model.named_parameters() if n.startswith("model.vision_tower.") == in_tower]
@@ -1005,7 +1054,12 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         named = batch.pop("answer_queries")
         n_threads = tuner.threads_for(step)
         t_step = time.time()
+        if vision_exit is not None:
+            rows = torch.rand(batch["input_ids"].shape[0], generator=exit_rng) < cfg.vision_exit_rate
+            vision_exit.set_rows(batch["input_ids"], model.config.image_token_id, rows.to(device))
         out_step = model(**batch)
+        if vision_exit is not None:
+            vision_exit.hidden = None  # evaluation and later passes see the whole image
         answer_loss = out_step.loss
         balanced = (family_balanced_answer_loss(out_step.logits, batch["labels"], turns) if cfg.family_balance > 0
                     else answer_loss.new_zeros(()))
