@@ -372,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-layers", help="dyvte: candidate layers, e.g. 1,2,3 (default: all but the last)")
     p.add_argument("--max-risk", type=float, default=0.01,
                    help="dyvte: share of held-out requests allowed to exit where the label says no")
+    p.add_argument("--loss-slack", type=float, default=0.0,
+                   help="dyvte: nats an exit's answer loss may exceed 1.03 x the normal loss by and still be "
+                        "labelled safe (0 = DyVTE's rule; the ratio of near-zero losses is noise)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="accuracy per family, FLOPs and prefill time on the synthetic benchmark")

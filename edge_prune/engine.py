@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from edge_prune.errors import InputError, RecipeError
 from edge_prune.models.adapter import ImageInput, LlavaAdapter, PreparedBatch
-from edge_prune.recipe import Recipe
+from edge_prune.recipe import Recipe, router_exits
 from edge_prune.runtimes.results import KeptTokens, Timings
 from edge_prune.scoring import (
     SCORERS,
@@ -366,7 +366,7 @@ class PrunedEngine:
             feats = ExitRouter.features(hidden, text, hidden[bidx, last])
             assert self.router is not None and self.recipe.exit is not None
             prob = torch.sigmoid(self.router.logits(i, feats).float())
-            exiting = eligible & (prob >= self.recipe.exit.threshold)
+            exiting = eligible & router_exits(prob, self.recipe.exit.threshold)
         keep = ws.valid & ~(ws.visual & exiting[:, None])
         rest = keep & ~text
         if bool(rest.any()):

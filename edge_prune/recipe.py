@@ -73,7 +73,7 @@ class ExitSpec:
     Exiting after layer l means keep_after[i] = 0 for i >= l for that request: layer l's attention
     (and KV cache) saw the visual tokens, its MLP and every later layer do not. `threshold` is the
     router probability at or above which a request exits (the first candidate layer that passes
-    wins). `exit_rates[j]` is the share of held-out calibration requests that exited after
+    wins); 1.0 means never (see `router_exits`). `exit_rates[j]` is the share of held-out calibration requests that exited after
     `layers[j]`; the rest never exit. The cost model uses it for expected (mean) FLOPs.
     """
 
@@ -82,6 +82,13 @@ class ExitSpec:
     threshold: float
     rank: int
     exit_rates: list[float] = field(default_factory=list)
+
+
+def router_exits(prob, threshold: float):
+    """Whether a router probability (float or tensor) passes an exit threshold. A threshold of 1.0 never
+    passes: a float32 sigmoid reads exactly 1.0 from logits above ~17, so `prob >= 1.0` would exit the
+    most confident requests of a router whose fit found no safe threshold."""
+    return (prob >= threshold) & (threshold < 1.0)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from edge_prune.errors import ArtifactError, InputError
+from edge_prune.recipe import router_exits
 from edge_prune.runtimes.manifest import Manifest
 from edge_prune.runtimes.results import KeptTokens, Timings
 from edge_prune.runtimes.preprocess import PREPROCESS_FILE, ImageConfig, preprocess
@@ -312,7 +313,7 @@ class ExecuTorchSession:
             if layer in spec.exit_layers:
                 p_exit = float(state[-1][0])
                 state = state[:-1]
-                if spec.kept[layer] > 0 and p_exit >= (spec.exit_threshold or 0.0):
+                if spec.kept[layer] > 0 and router_exits(p_exit, spec.exit_threshold or 0.0):
                     if layer in exits:
                         return self._run(exits[layer], state[0], start)[0], layer
                     return state[0], layer

@@ -146,7 +146,7 @@ def reference_logits(adapter: LlavaAdapter, recipe: Recipe, batch: PreparedBatch
                 if (e is not None and i in e.layers and exit_layer is None and bool((alive & vis).any())
                         and bool(text_after.any())):
                     p = _router_prob(router, e.layers.index(i), h[0], text_after, n_prompt - 1)
-                    if p >= e.threshold:
+                    if p >= e.threshold and e.threshold < 1.0:  # 1.0: never
                         exit_layer = i
                         alive = alive & ~vis
                         counts = [c if k < i else 0 for k, c in enumerate(counts)]

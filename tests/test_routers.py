@@ -112,6 +112,35 @@ def test_layers_after_an_exit_hold_no_visual_tokens_in_their_kv_cache(llava, ima
     assert out.kept[0].exit_layer == 0
 
 
+def test_threshold_one_never_exits_even_a_saturated_router(llava, images, tmp_path):
+    """A fit that finds no safe threshold stores 1.0; a float32 sigmoid reads exactly 1.0 from a large
+    logit, and such a request must still not exit (it did, while the recipe's exit rates said none)."""
+    path = exit_recipe(llava, tmp_path, 1.0)
+    router = ExitRouter.load(tmp_path / "router.safetensors", llava.signature(), EXIT_LAYERS, RANK)
+    with torch.no_grad():
+        router.layer_bias.fill_(100.0)  # sigmoid(100) == 1.0 in float32
+    batch = llava.prepare(PROMPTS[:1], images[:1])
+    never = PrunedEngine(llava, Recipe.load(path), router=router).prefill(batch)
+    assert never.kept[0].exit_layer is None
+    almost = Recipe.load(path)
+    almost.exit.threshold = 0.999999
+    assert PrunedEngine(llava, almost, router=router).prefill(batch).kept[0].exit_layer == 0
+
+
+def test_loss_slack_relaxes_only_the_loss_rule(llava, tmp_path):
+    """--loss-slack adds nats to DyVTE's 1.03 x loss bound: a huge slack leaves answer agreement alone."""
+    calib = load_calibration(str(write_calib(tmp_path, 4, answers=False)), 4)
+    engine = PrunedEngine(llava, Recipe.identity(llava.signature()))
+    fitter = RouterFitter.__new__(RouterFitter)  # the label pass only, as above
+    fitter.engine, fitter.adapter, fitter.base, fitter.calibration = engine, llava, engine.recipe, calib
+    fitter.sig, fitter.layers = llava.signature(), EXIT_LAYERS
+    fitter.config = RouterConfig(micro_batch=4, loss_slack=1e9)
+    _, labels, _, agree = fitter._collect_batch([0, 1, 2, 3])
+    assert labels.bool().tolist() == agree.tolist()
+    with pytest.raises(RecipeError, match="--loss-slack"):
+        RouterFitter(engine, calib, RouterConfig(loss_slack=-0.1), progress=False)
+
+
 def test_recipe_exit_round_trip_and_validation(llava, tmp_path):
     path = exit_recipe(llava, tmp_path, 0.5)
     data = json.loads(path.read_text())

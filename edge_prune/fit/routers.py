@@ -3,7 +3,8 @@ shared router, and pick its threshold on held-out calibration data.
 
 Labels (DyVTE): for a sample and a candidate layer l, run the (base-recipe) model normally and
 with every visual token removed after layer l, teacher-forcing the reference answer; exit = 1
-when the answer tokens' argmax agree and the exited loss < 1.03 x the normal loss. Unlike DyVTE,
+when the answer tokens' argmax agree and the exited loss < 1.03 x the normal loss (+ an optional
+absolute slack, `loss_slack`, off by default: see RouterConfig). Unlike DyVTE,
 which samples one exit layer per batch, every candidate layer is labelled for every sample: the
 exited branches share the normal run's prefix and carry only the text tokens, so all of them
 together cost about one more forward pass.
@@ -73,6 +74,10 @@ class RouterConfig:
     heldout_every: int = 4  # every k-th calibration sample is held out for the threshold
     max_risk: float = 0.01
     loss_ratio: float = LOSS_RATIO
+    # nats the exited loss may exceed loss_ratio x the normal loss by (0 = DyVTE's rule). A ratio of
+    # near-zero losses is all noise: at p = 0.999 (loss 0.001) the ratio rule rejects an exit that
+    # leaves p at 0.998, so a confident model's labels say "do not exit" while its answers agree
+    loss_slack: float = 0.0
     train_steps: int = 300  # full-batch optimiser steps on the collected features
     lr: float = 1e-2
     seed: int = 0
@@ -112,6 +117,8 @@ class RouterFitter:
         if base.prune.scorer == "fastv":
             raise RecipeError("exit routers cannot be fitted on a FastV base recipe (FastV scores with the last "
                               "token, which teacher forcing moves); use a fitprune, guide or random base recipe")
+        if not config.loss_slack >= 0:
+            raise RecipeError(f"--loss-slack {config.loss_slack}: expected nats >= 0 (0 = DyVTE's loss-ratio rule)")
         self.engine, self.adapter, self.base = engine, engine.adapter, base
         self.calibration, self.config = calibration, config
         self.dist = dist or Dist.single()
@@ -195,7 +202,7 @@ class RouterFitter:
             same = per_sample((logits.argmax(-1) == normal.argmax(-1)).float()) == fb.pred.sum(1).float()
             ce_exit = per_sample(F.cross_entropy(logits, targets_t, reduction="none")) / per_row
             agree[:, j] = same
-            labels[:, j] = (same & (ce_exit < self.config.loss_ratio * ce_normal)).float()
+            labels[:, j] = (same & (ce_exit < self.config.loss_ratio * ce_normal + self.config.loss_slack)).float()
         return feats, labels, eligible, agree
 
     def collect(self, stop_after: int | None = None) -> ExitLabels:
@@ -291,8 +298,10 @@ class RouterFitter:
         probs = self.probabilities(router, data, self.heldout)
         labels = data.labels[torch.tensor(self.heldout, device=probs.device)]
         flops = self._flops_per_exit(text_tokens)
-        never = 1.0 + 1e-6  # no held-out request exits; stored as threshold 1.0
-        candidates = sorted({float(p) for p in probs.flatten().tolist() if p >= 0} | {never})
+        # thresholds below 1.0 only: the recipe's 1.0 means "never" (see router_exits), so a saturated
+        # probability of exactly 1.0 passes every candidate here, as it will at inference
+        never = 1.0 + 1e-6
+        candidates = sorted({float(p) for p in probs.flatten().tolist() if 0 <= p < 1} | {never})
         curve = []
         best: tuple[float, float, float, list[float]] | None = None
         for theta in candidates:
@@ -332,7 +341,7 @@ class RouterFitter:
         import edge_prune
 
         recipe = Recipe(model=self.sig, prune=self.base.prune, skip_attention=list(self.base.skip_attention),
-                        exit=ExitSpec(ROUTER_FILE, self.layers, round(threshold, 6), self.rank,
+                        exit=ExitSpec(ROUTER_FILE, self.layers, threshold, self.rank,
                                       [round(r, 6) for r in rates]),
                         budget=self.base.budget)
         report = estimate(self.shape, recipe, text_tokens=text, weight_formats=())
@@ -351,6 +360,7 @@ class RouterFitter:
             "agree_rate_per_layer": [round(float(data.agree[:, j][el[:, j]].float().mean()) if el[:, j].any()
                                            else 0.0, 4) for j in range(len(self.layers))],
             "loss_ratio": self.config.loss_ratio,
+            "loss_slack": self.config.loss_slack,
             "predicted_flops_reduction": report.flops_reduction,
             "accounting": "exact",
             "text_tokens": text,
