@@ -556,6 +556,8 @@ def test_training_refuses_a_look_layer_after_the_vision_exit(tmp_path: Path) -> 
 
     with pytest.raises(ValueError, match="--vision-exit-after"):
         main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "1", "--vision-exit-after", "0"])
+    with pytest.raises(ValueError, match="--polish-vision-exit-after"):  # stage 3's, checked before stage 1
+        main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "1", "--polish-vision-exit-after", "0"])
     assert not (tmp_path / "m" / "model.safetensors").exists()
 
 
@@ -564,8 +566,9 @@ def test_smoke_training_with_a_vision_exit_saves_a_plain_llava(tmp_path: Path) -
     from edge_prune.bench.train import main
 
     main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "0", "--vision-exit-after", "0",
-          "--vision-exit-rate", "1"])
+          "--vision-exit-rate", "1", "--polish-vision-exit-after", "0"])
     run = json.loads((tmp_path / "m" / "training_run.json").read_text())
-    assert run["config"]["vision_exit_after"] == 0
+    assert run["joint_stage"]["config"]["vision_exit_after"] == 0  # the joint stage
+    assert run["config"]["vision_exit_after"] == 0  # stage 3 (polish_config)
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
     assert not any(layer.self_attn._forward_pre_hooks for layer in model.model.language_model.layers)

@@ -161,6 +161,10 @@ class TrainConfig:
     polish_minutes: float = 12.0
     polish_steps: int = 0
     polish_lr: float = 5e-4
+    # stage 3's --look-layers ("" = the joint stage's) and --vision-exit-after (-1 = off), so a run can
+    # look early in both stages and learn to do without the image after a layer in stage 3 only
+    polish_look_layers: str = ""
+    polish_vision_exit_after: int = -1
     test_n: int = 2100  # final test-split accuracy recorded with the model (0 = skip)
     ablation_n: int = 700  # same with every visual token replaced by the mean one (0 = skip)
 
@@ -923,7 +927,8 @@ def polish_config(cfg: TrainConfig, joint_dir: str | Path) -> TrainConfig:
                    lr=cfg.polish_lr, warmup_steps=min(cfg.warmup_steps, 40), family_balance=1.0, curriculum=0.0,
                    curriculum_loss=0.0, aux_weight=0.0, query_weight=0.0, readout_weight=0.0,
                    steps=cfg.polish_steps if cfg.polish_steps > 0 else cfg.steps, max_minutes=cfg.polish_minutes,
-                   eval_every_s=min(cfg.eval_every_s, 300.0), polish_minutes=0.0, polish_steps=0)
+                   eval_every_s=min(cfg.eval_every_s, 300.0), polish_minutes=0.0, polish_steps=0,
+                   look_layers=cfg.polish_look_layers or cfg.look_layers, vision_exit_after=cfg.polish_vision_exit_after)
 
 
 def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2,),
@@ -969,12 +974,11 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         raise ValueError(f"--look-layers {cfg.look_layers} must name decoder layers 0..{cfg.text_layers - 1}")
     if cfg.look_heads not in (1, 2):
         raise ValueError(f"--look-heads must be 1 or 2, got {cfg.look_heads}")
-    if cfg.vision_exit_after >= 0:
-        if cfg.look_weight > 0 and max(look_layers) > cfg.vision_exit_after:
-            raise ValueError(f"--look-layers {cfg.look_layers} include a layer after --vision-exit-after "
-                             f"{cfg.vision_exit_after}, where the image is hidden: look at or before it")
-        if not 0 < cfg.vision_exit_rate <= 1:
-            raise ValueError(f"--vision-exit-rate must be in (0, 1], got {cfg.vision_exit_rate}")
+    _check_vision_exit(cfg, look_layers, "")
+    if cfg.polish_minutes > 0 or cfg.polish_steps > 0:  # stage 3's settings, before hours of training
+        polish_looks = cfg.polish_look_layers or cfg.look_layers
+        _check_vision_exit(replace(cfg, look_layers=polish_looks, vision_exit_after=cfg.polish_vision_exit_after),
+                           [int(x) for x in polish_looks.split(",")], "polish-")
     readout_keys = (LookGuide.readout_keys(look_layers, cfg.look_heads)
                     if cfg.look_weight > 0 and cfg.readout_weight > 0 else [])
     query_keys = LookGuide.query_keys(look_layers) if cfg.look_weight > 0 and cfg.query_weight > 0 else []
@@ -1124,6 +1128,17 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
             (out / "training_run.json").write_text(json.dumps(meta, indent=2))
             log({"event": key, "n": n, "accuracy": res}, f"{key} n={n}: " + " ".join(f"{k} {v:.3f}" for k, v in res.items()))
     return model
+
+
+def _check_vision_exit(cfg: TrainConfig, look_layers: list[int], stage: str) -> None:
+    """Looks must sit at or before the layer after which the image is hidden (VisionExitMask)."""
+    if cfg.vision_exit_after < 0:
+        return
+    if cfg.look_weight > 0 and max(look_layers) > cfg.vision_exit_after:
+        raise ValueError(f"--{stage}look-layers {cfg.look_layers} include a layer after --{stage}vision-exit-after "
+                         f"{cfg.vision_exit_after}, where the image is hidden: look at or before it")
+    if not 0 < cfg.vision_exit_rate <= 1:
+        raise ValueError(f"--vision-exit-rate must be in (0, 1], got {cfg.vision_exit_rate}")
 
 
 def _log_eval(log: _Log, model: LlavaForConditionalGeneration, cfg: TrainConfig, step: int, elapsed: float) -> dict[str, float]:
