@@ -558,6 +558,8 @@ def test_training_refuses_a_look_layer_after_the_vision_exit(tmp_path: Path) -> 
         main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "1", "--vision-exit-after", "0"])
     with pytest.raises(ValueError, match="--polish-vision-exit-after"):  # stage 3's, checked before stage 1
         main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "1", "--polish-vision-exit-after", "0"])
+    with pytest.raises(ValueError, match="--polish-vision-exit-after must name a decoder layer 0..0"):
+        main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "0", "--polish-vision-exit-after", "1"])
     assert not (tmp_path / "m" / "model.safetensors").exists()
 
 

@@ -1134,6 +1134,9 @@ def _check_vision_exit(cfg: TrainConfig, look_layers: list[int], stage: str) -> 
     """Looks must sit at or before the layer after which the image is hidden (VisionExitMask)."""
     if cfg.vision_exit_after < 0:
         return
+    if cfg.vision_exit_after >= cfg.text_layers - 1:
+        raise ValueError(f"--{stage}vision-exit-after must name a decoder layer 0..{cfg.text_layers - 2} (a later "
+                         f"layer must remain to exit before), got {cfg.vision_exit_after}")
     if cfg.look_weight > 0 and max(look_layers) > cfg.vision_exit_after:
         raise ValueError(f"--{stage}look-layers {cfg.look_layers} include a layer after --{stage}vision-exit-after "
                          f"{cfg.vision_exit_after}, where the image is hidden: look at or before it")
