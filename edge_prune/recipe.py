@@ -73,8 +73,9 @@ class ExitSpec:
     Exiting after layer l means keep_after[i] = 0 for i >= l for that request: layer l's attention
     (and KV cache) saw the visual tokens, its MLP and every later layer do not. `threshold` is the
     router probability at or above which a request exits (the first candidate layer that passes
-    wins); 1.0 means never (see `router_exits`). `exit_rates[j]` is the share of held-out calibration requests that exited after
-    `layers[j]`; the rest never exit. The cost model uses it for expected (mean) FLOPs.
+    wins); 1.0 means never (see `router_exits`). `exit_rates[j]` is the share of held-out
+    calibration requests that exited after `layers[j]`; the rest never exit. The cost model uses it
+    for expected (mean) FLOPs.
     """
 
     router: str
