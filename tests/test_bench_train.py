@@ -533,7 +533,7 @@ def test_vision_exit_mask_is_the_decoder_run_without_visual_tokens_after_its_lay
         exit_mask = VisionExitMask(model, after=1)
         exit_mask.set_rows(ids, image, torch.tensor([True, False]))
         masked = model(**batch).logits
-        exit_mask.hidden = None
+        exit_mask.clear()
         assert torch.equal(model(**batch).logits, plain)  # hidden cleared: the whole image again
         # by hand: row 0's text tokens from layer 2 on, at their own positions, visual tokens gone
         row = 0

@@ -562,10 +562,8 @@ class VisionExitMask:
     """
 
     def __init__(self, model: LlavaForConditionalGeneration, after: int) -> None:
+        """`after`: a decoder layer with a later one to exit before (train checks it, _check_vision_exit)."""
         layers = model.model.language_model.layers
-        if not 0 <= after < len(layers) - 1:
-            raise ValueError(f"--vision-exit-after must name a decoder layer 0..{len(layers) - 2} "
-                             f"(a later layer must remain to exit before), got {after}")
         self.hidden: torch.Tensor | None = None  # (B, T, T) True = this query may not see this key
         for layer in layers[after + 1:]:
             layer.self_attn.register_forward_pre_hook(self._mask, with_kwargs=True)
@@ -574,6 +572,10 @@ class VisionExitMask:
         """Exit the visual tokens in `rows` (bool, one per sequence) for the next forward pass."""
         visual = input_ids == image_token_id
         self.hidden = (rows[:, None, None] & ~visual[:, :, None] & visual[:, None, :]) if bool(rows.any()) else None
+
+    def clear(self) -> None:
+        """Later passes (evaluation, the next step before set_rows) see the whole image."""
+        self.hidden = None
 
     def _mask(self, _module, args, kwargs):
         if self.hidden is None:
@@ -976,9 +978,8 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         raise ValueError(f"--look-heads must be 1 or 2, got {cfg.look_heads}")
     _check_vision_exit(cfg, look_layers, "")
     if cfg.polish_minutes > 0 or cfg.polish_steps > 0:  # stage 3's settings, before hours of training
-        polish_looks = cfg.polish_look_layers or cfg.look_layers
-        _check_vision_exit(replace(cfg, look_layers=polish_looks, vision_exit_after=cfg.polish_vision_exit_after),
-                           [int(x) for x in polish_looks.split(",")], "polish-")
+        staged = polish_config(cfg, out)
+        _check_vision_exit(staged, [int(x) for x in staged.look_layers.split(",")], "polish-")
     readout_keys = (LookGuide.readout_keys(look_layers, cfg.look_heads)
                     if cfg.look_weight > 0 and cfg.readout_weight > 0 else [])
     query_keys = LookGuide.query_keys(look_layers) if cfg.look_weight > 0 and cfg.query_weight > 0 else []
@@ -1063,7 +1064,7 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
             vision_exit.set_rows(batch["input_ids"], model.config.image_token_id, rows.to(device))
         out_step = model(**batch)
         if vision_exit is not None:
-            vision_exit.hidden = None  # evaluation and later passes see the whole image
+            vision_exit.clear()
         answer_loss = out_step.loss
         balanced = (family_balanced_answer_loss(out_step.logits, batch["labels"], turns) if cfg.family_balance > 0
                     else answer_loss.new_zeros(()))
