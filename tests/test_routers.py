@@ -271,6 +271,26 @@ def test_threshold_is_the_cheapest_within_the_held_out_risk(llava, calib):
     assert any(c["risk"] > 0.25 for c in curve)  # the risk bound actually excluded cheaper thresholds
 
 
+def test_router_trained_on_noisy_labels_keeps_held_out_requests_apart(llava, calib):
+    """A few hundred samples with noisy labels must not overfit the router into probabilities of exactly
+    1.0: tied there, the threshold search can no longer tell requests apart (see RouterConfig.weight_decay)."""
+    fitter = RouterFitter(PrunedEngine(llava), load_calibration(str(calib), 16), RouterConfig(), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    n, d2 = 400, 2 * llava.shape.hidden_size
+    feats = torch.randn(n, 3, d2, generator=gen)
+    clean = feats[..., :8].sum(-1) > 0
+    noisy = clean ^ (torch.rand(n, 3, generator=gen) < 0.1)
+    data = ExitLabels(feats, noisy.float(), torch.ones(n, 3, dtype=torch.bool), noisy)
+    fitter.train_ids, fitter.heldout = list(range(300)), list(range(300, n))
+    router = fitter.train(data)
+    probs = fitter.probabilities(router, data, fitter.heldout)
+    assert int((probs >= 1.0).sum()) == 0
+    assert len(set(probs.flatten().tolist())) == probs.numel()
+    # and it still ranks: held-out requests whose clean label says exit score higher
+    truth = clean[300:]
+    assert float(probs[truth].mean()) > float(probs[~truth].mean()) + 0.3
+
+
 def test_fit_on_a_fitprune_recipe_resumes_and_runs(tiny_llava_dir, llava, calib, tmp_path, images):
     base = Recipe(model=llava.signature(), prune=PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.5, 0.25]),
                   provenance={"method": "fitprune"})
