@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-slack", type=float, default=0.0,
                    help="dyvte: nats an exit's answer loss may exceed 1.03 x the normal loss by and still be "
                         "labelled safe (0 = DyVTE's rule; the ratio of near-zero losses is noise)")
+    p.add_argument("--exit-labels", choices=("dyvte", "agreement"), default="dyvte",
+                   help="dyvte: an exit is safe when the answer agrees and the loss rule holds (DyVTE); "
+                        "agreement: when the answer agrees")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="accuracy per family, FLOPs and prefill time on the synthetic benchmark")

@@ -137,8 +137,15 @@ def test_loss_slack_relaxes_only_the_loss_rule(llava, tmp_path):
     fitter.config = RouterConfig(micro_batch=4, loss_slack=1e9)
     _, labels, _, agree = fitter._collect_batch([0, 1, 2, 3])
     assert labels.bool().tolist() == agree.tolist()
+    fitter.config = RouterConfig(micro_batch=4, labels="agreement")
+    assert fitter._collect_batch([0, 1, 2, 3])[1].bool().tolist() == agree.tolist()
+    fitter.config = RouterConfig(micro_batch=4)
+    strict = fitter._collect_batch([0, 1, 2, 3])[1].bool()
+    assert not (strict & ~agree).any()  # DyVTE's labels are agreement and more
     with pytest.raises(RecipeError, match="--loss-slack"):
         RouterFitter(engine, calib, RouterConfig(loss_slack=-0.1), progress=False)
+    with pytest.raises(RecipeError, match="--exit-labels 'loss'"):
+        RouterFitter(engine, calib, RouterConfig(labels="loss"), progress=False)
 
 
 def test_recipe_exit_round_trip_and_validation(llava, tmp_path):
