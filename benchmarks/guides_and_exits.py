@@ -1,12 +1,14 @@
 """Issue 5 acceptance: LVPruning-style guides and DyVTE-style exit routers on the benchmark model.
 
 Fits every recipe into benchmarks/recipes/NAME/ (guides-90, the baselines at the guides' FLOPs,
-dyvte, fitprune-60, fitprune-60+dyvte, guides-90+dyvte), evaluates each on the test split with
+dyvte, fitprune-60, fitprune-60+dyvte, guides-90+dyvte, and the same three routers with agreement
+labels, `--exit-labels agreement`: dyvte-agree, ...), evaluates each on the test split with
 edge_prune.bench.evaluate, and writes benchmarks/results/guides_exits.{md,json} and the plot of
-exit layers per question family (guides_exits_exit_layers.png). Every finished fit and evaluation is
+exit layers per question family (guides_exits_exit_layers.png, and _agree.png for dyvte-agree). Every finished fit and evaluation is
 stored at once, so an interrupted run continues where it stopped when started again.
 
     .venv/bin/python benchmarks/guides_and_exits.py [--n 2000] [--train-n 1536] [--steps 1200] [--threads 2]
+        [--router-n 256] [--router-n-agree 2560]
 """
 
 from __future__ import annotations
@@ -118,13 +120,14 @@ class Bench:
         shutil.rmtree(path.parent / ".edge-prune-train", ignore_errors=True)
         return result.recipe
 
-    def fit_router(self, base: Path | None) -> Callable[[Path], Recipe]:
+    def fit_router(self, base: Path | None, labels: str = "dyvte") -> Callable[[Path], Recipe]:
         def fit(path: Path) -> Recipe:
             a = self.args
             base_recipe = Recipe.load(base) if base is not None else None
             engine = PrunedEngine(self.engine.adapter, base_recipe)
-            data = load_calibration("bench:train", a.router_n)
-            fitter = RouterFitter(engine, data, RouterConfig(max_risk=a.max_risk, micro_batch=8), work_dir=path.parent)
+            data = load_calibration("bench:train", a.router_n if labels == "dyvte" else a.router_n_agree)
+            fitter = RouterFitter(engine, data, RouterConfig(max_risk=a.max_risk, micro_batch=8, labels=labels),
+                                  work_dir=path.parent)
             result = fitter.fit()
             fitter.save(result, path)
             shutil.rmtree(path.parent / ".edge-prune-train", ignore_errors=True)
@@ -161,11 +164,15 @@ class Bench:
         self.evaluated("fitprune-60", fitprune60)
         self.evaluated("fitprune-60+dyvte", self.fitted("fitprune-60+dyvte", self.fit_router(fitprune60)))
         self.evaluated("guides-90+dyvte", self.fitted("guides-90+dyvte", self.fit_router(guides)))
+        for name, base in (("dyvte-agree", None), ("fitprune-60+dyvte-agree", fitprune60),
+                           ("guides-90+dyvte-agree", guides)):
+            self.evaluated(name, self.fitted(name, self.fit_router(base, labels="agreement")))
 
 
 # ---- report -------------------------------------------------------------------------------------------
+EXIT_PLOTS = {"dyvte": "guides_exits_exit_layers.png", "dyvte-agree": "guides_exits_exit_layers_agree.png"}
 ORDER = ["unpruned", "guides-90", "fitprune-eq", "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
-         "fitprune-60+dyvte", "guides-90+dyvte"]
+         "fitprune-60+dyvte", "guides-90+dyvte", "dyvte-agree", "fitprune-60+dyvte-agree", "guides-90+dyvte-agree"]
 
 
 def training_seconds(name: str) -> float | None:
@@ -215,15 +222,17 @@ def report(state: dict[str, Any], n: int) -> str:
                   f"{prov.get('calibration')} samples, {t.get('steps')} steps of {t.get('batch_size')}, lr {t.get('lr')}; "
                   f"distillation loss {t.get('loss_first10', float('nan')):.3f} (first 10 steps) -> "
                   f"{t.get('loss_last10', float('nan')):.3f} (last 10)."]
-    dyvte = rows.get("dyvte")
-    if dyvte and dyvte.get("exit_layers_per_family"):
-        lines += ["", "## Exit layers per question family (dyvte)", "",
-                  "![exit layers per family](guides_exits_exit_layers.png)", "",
-                  "| family | " + " | ".join(_exit_keys(dyvte)) + " |", "|---|" + "---:|" * len(_exit_keys(dyvte))]
-        for fam, counts in dyvte["exit_layers_per_family"].items():
+    for name, png in EXIT_PLOTS.items():
+        row = rows.get(name)
+        if not row or not row.get("exit_layers_per_family"):
+            continue
+        keys = _exit_keys(row)
+        lines += ["", f"## Exit layers per question family ({name})", "",
+                  f"![exit layers per family, {name}]({png})", "",
+                  "| family | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for fam, counts in row["exit_layers_per_family"].items():
             total = sum(counts.values())
-            lines.append(f"| {fam} | " + " | ".join(f"{counts.get(k, 0) / total:.0%}" for k in _exit_keys(dyvte))
-                         + " |")
+            lines.append(f"| {fam} | " + " | ".join(f"{counts.get(k, 0) / total:.0%}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -248,22 +257,23 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]
                             g["accuracy"] > o["accuracy"] and g["per_family"]["position"] >= o["per_family"]["position"]))
     else:
         out.append(("guides-90 vs unpruned and baselines", None))
-    d = rows.get("dyvte")
-    if base and d:
-        drop = (base["accuracy"] - d["accuracy"]) * 100
-        out.append((f"dyvte: mean prefill-FLOPs reduction {d['flops_reduction']:.1%} (>= 40%) with accuracy drop "
-                    f"{drop:.2f} pt (<= 0.5 pt)", d["flops_reduction"] >= 0.4 and drop <= 0.5))
-    else:
-        out.append(("dyvte: >= 40% mean prefill-FLOPs reduction with <= 0.5 pt drop", None))
-    for name in ("guides-90", "dyvte", "guides-90+dyvte", "fitprune-60+dyvte"):
+    for name in ("dyvte", "dyvte-agree"):
+        d = rows.get(name)
+        if base and d:
+            drop = (base["accuracy"] - d["accuracy"]) * 100
+            out.append((f"{name}: mean prefill-FLOPs reduction {d['flops_reduction']:.1%} (>= 40%) with accuracy drop "
+                        f"{drop:.2f} pt (<= 0.5 pt)", d["flops_reduction"] >= 0.4 and drop <= 0.5))
+        else:
+            out.append((f"{name}: >= 40% mean prefill-FLOPs reduction with <= 0.5 pt drop", None))
+    for name in ("guides-90", "dyvte", "guides-90+dyvte", "fitprune-60+dyvte", "dyvte-agree"):
         s = training_seconds(name)
         if s is not None:
             out.append((f"{name}: module training {s:.0f} s (<= {TRAIN_LIMIT_S} s)", s <= TRAIN_LIMIT_S))
     return out
 
 
-def plot(state: dict[str, Any], n: int, path: Path) -> bool:
-    row = state["rows"].get(f"dyvte@{n}")
+def plot(state: dict[str, Any], n: int, path: Path, name: str = "dyvte") -> bool:
+    row = state["rows"].get(f"{name}@{n}")
     if not row or not row.get("exit_layers_per_family"):
         return False
     import matplotlib
@@ -283,7 +293,7 @@ def plot(state: dict[str, Any], n: int, path: Path) -> bool:
         ax.bar(fams, shares, bottom=bottom, label=label, color="lightgrey" if key == "none" else cmap(i))
         bottom = [b + s for b, s in zip(bottom, shares)]
     ax.set_ylabel("share of requests")
-    ax.set_title(f"DyVTE-style exit layer per question family (test, n={n})")
+    ax.set_title(f"{name}: exit layer per question family (test, n={n})")
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
@@ -309,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--train-n", type=int, default=1536, help="bench:train samples for the guides")
     p.add_argument("--router-n", type=int, default=256, help="bench:train samples for each exit router")
+    p.add_argument("--router-n-agree", type=int, default=2560,
+                   help="bench:train samples for each agreement-label router (cheap: one label pass)")
     p.add_argument("--steps", type=int, default=1200, help="guide optimiser steps (8 samples each)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--attention-distill", type=float, default=0.0,
@@ -334,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.run()
         finally:
             state = bench.state
-    plot(state, args.n, RESULTS / "guides_exits_exit_layers.png")
+    for name, png in EXIT_PLOTS.items():
+        plot(state, args.n, RESULTS / png, name)
     _atomic_write(RESULTS / "guides_exits.md", report(state, args.n))
     log(f"wrote {RESULTS / 'guides_exits.md'}")
     return 0
