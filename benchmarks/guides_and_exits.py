@@ -3,9 +3,9 @@
 Fits every recipe into benchmarks/recipes/NAME/ (guides-90, the baselines at the guides' FLOPs,
 dyvte, fitprune-60, fitprune-60+dyvte, guides-90+dyvte, and the same three routers with agreement
 labels, `--exit-labels agreement`: dyvte-agree, ...), evaluates each on the test split with
-edge_prune.bench.evaluate, and writes benchmarks/results/guides_exits.{md,json} and the plot of
-exit layers per question family (guides_exits_exit_layers.png, and _agree.png for dyvte-agree). Every finished fit and evaluation is
-stored at once, so an interrupted run continues where it stopped when started again.
+edge_prune.bench.evaluate, and writes benchmarks/results/guides_exits.{md,json} and the plots of
+exit layers per question family (guides_exits_exit_layers.png; _agree.png for dyvte-agree). Every
+finished fit and evaluation is stored at once, so an interrupted run continues where it stopped.
 
     .venv/bin/python benchmarks/guides_and_exits.py [--n 2000] [--train-n 1536] [--steps 1200] [--threads 2]
         [--router-n 256] [--router-n-agree 2560]
@@ -210,10 +210,10 @@ def report(state: dict[str, Any], n: int) -> str:
     checks = acceptance(rows)
     for text, ok in checks:
         lines.append(f"- {'PASS' if ok else 'FAIL' if ok is not None else 'NOT RUN'}: {text}")
-    lines += ["", "## Training time (2 CPU threads unless noted)", "",
-              "| module | fit seconds (whole fit) | training seconds (fitter) |", "|---|---:|---:|"]
+    lines += ["", "## Training time (CPU)", "",
+              "| module | torch threads | fit seconds (whole fit) | training seconds (fitter) |", "|---|---:|---:|---:|"]
     for name, fit in state.get("fits", {}).items():
-        lines.append(f"| {name} | {fit['seconds']:.0f} | {training_seconds(name) or ''} |")
+        lines.append(f"| {name} | {fit.get('threads', '')} | {fit['seconds']:.0f} | {training_seconds(name) or ''} |")
     guides = RECIPES / "guides-90" / "recipe.json"
     if guides.is_file():  # the settings behind the guides row, as the fitter recorded them
         prov = Recipe.load(guides).provenance

@@ -146,6 +146,8 @@ def test_loss_slack_relaxes_only_the_loss_rule(llava, tmp_path):
         RouterFitter(engine, calib, RouterConfig(loss_slack=-0.1), progress=False)
     with pytest.raises(RecipeError, match="--exit-labels 'loss'"):
         RouterFitter(engine, calib, RouterConfig(labels="loss"), progress=False)
+    with pytest.raises(RecipeError, match="does not use; drop one of them"):
+        RouterFitter(engine, calib, RouterConfig(labels="agreement", loss_slack=0.01), progress=False)
 
 
 def test_recipe_exit_round_trip_and_validation(llava, tmp_path):

@@ -132,6 +132,9 @@ class RouterFitter:
             raise RecipeError(f"--exit-labels {config.labels!r}: expected one of {', '.join(LABEL_RULES)}")
         if not config.loss_slack >= 0:
             raise RecipeError(f"--loss-slack {config.loss_slack}: expected nats >= 0 (0 = DyVTE's loss-ratio rule)")
+        if config.labels == "agreement" and config.loss_slack:
+            raise RecipeError("--loss-slack relaxes DyVTE's loss rule, which --exit-labels agreement does not use; "
+                              "drop one of them")
         self.engine, self.adapter, self.base = engine, engine.adapter, base
         self.calibration, self.config = calibration, config
         self.dist = dist or Dist.single()
