@@ -8,7 +8,9 @@ benchmarks/results/executorch.{json,md}.
 3. peak RSS (one subprocess per artifact, so artifacts do not share a process) and artifact size.
 
 Recipes: keep-all, fitprune-60 (benchmarks/recipes/fitprune-60, fitted by issue 5's script; when it is
-missing, FastV at the same 60% exact-FLOPs budget instead), guides-90 and dyvte when their recipes exist.
+missing, FastV at the same 60% exact-FLOPs budget instead), guides-90, dyvte and dyvte-agree when their
+recipes exist. An exit router's cost differs request by request, so the speed stage also reports the
+mean over items of each item's median prefill (`--speed-items` items, one family after another).
 Finished stages are kept in the JSON, so an interrupted run continues.
 
     .venv/bin/python benchmarks/executorch_acceptance.py [--n 500] [--runs 7] [--work /tmp/ep-executorch]
@@ -83,7 +85,7 @@ def recipes(model: Path, work: Path) -> dict[str, Path]:
         if not fastv.is_file():
             baseline_recipe(load_shape(model), "fastv", 0.6, text_tokens=24).save(fastv)
         out["fastv-60"] = fastv
-    for name in ("guides-90", "dyvte", "fitprune-60+dyvte"):
+    for name in ("guides-90", "dyvte", "fitprune-60+dyvte", "dyvte-agree"):
         path = RECIPES / name / "recipe.json"
         if path.is_file():
             out[name] = path
@@ -152,13 +154,13 @@ def first_word(text: str) -> str:
     return words[0] if words else ""
 
 
-def speed(arts: dict[str, Path], names: list[str], runs: int, state: State) -> None:
+def speed(arts: dict[str, Path], names: list[str], runs: int, state: State, n_items: int = SPEED_ITEMS) -> None:
     """Interleaved requests: every variant of a quant runs the same item back to back, `runs` rounds."""
     from edge_prune.bench.generator import iter_items
     from edge_prune.bench.tokenizer import prompt as chat_prompt
     from edge_prune.runtimes import load
 
-    items = list(iter_items("test", SPEED_ITEMS))
+    items = list(iter_items("test", n_items))
     out = state.data.setdefault("speed", {})
     for quant in QUANTS:
         sessions = {name: load(arts[f"{name}/{quant}"]) for name in names}
@@ -166,25 +168,30 @@ def speed(arts: dict[str, Path], names: list[str], runs: int, state: State) -> N
             for s in sessions.values():
                 s.generate(it.image, chat_prompt(it.question), max_new_tokens=2)
         samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+        per_item: dict[str, list[list[float]]] = {n: [[] for _ in items] for n in names}  # prefill ms
         for _ in tqdm(range(runs), desc=f"speed {quant}", unit="round"):
-            for it in items:
+            for i, it in enumerate(items):
                 for name, s in sessions.items():
                     r = s.generate(it.image, chat_prompt(it.question), max_new_tokens=DECODE_TOKENS,
                                    ignore_eos=True)
                     t = r.timings
+                    per_item[name][i].append(t.prefill_ms)
                     for key, value in (("prefill_ms", t.prefill_ms), ("ttft_ms", t.ttft_ms),
                                        ("vision_ms", t.vision_ms), ("decode_tok_s", t.decode_tok_s),
                                        ("preprocess_ms", t.preprocess_ms)):
                         samples[name].setdefault(key, []).append(value)
         med = {name: {k: statistics.median(v) for k, v in m.items()} for name, m in samples.items()}
+        for name in names:  # the expected prefill over these items (what an exit router saves on average)
+            med[name]["prefill_ms_item_mean"] = statistics.mean(statistics.median(v) for v in per_item[name])
         base = med["keep-all"]
         out[quant] = {
             name: {**{k: round(v, 3) for k, v in m.items()},
                    "prefill_speedup": round(base["prefill_ms"] / m["prefill_ms"], 3),
+                   "prefill_speedup_item_mean": round(base["prefill_ms_item_mean"] / m["prefill_ms_item_mean"], 3),
                    "ttft_speedup": round(base["ttft_ms"] / m["ttft_ms"], 3),
                    "vision_share_of_ttft": round(m["vision_ms"] / m["ttft_ms"], 3),
                    "decode_ratio": round(m["decode_tok_s"] / base["decode_tok_s"], 3),
-                   "samples": len(samples[name]["prefill_ms"])}
+                   "samples": len(samples[name]["prefill_ms"]), "items": len(items)}
             for name, m in med.items()
         }
         state.save()
@@ -240,15 +247,17 @@ def report(data: dict[str, Any], n: int) -> str:
     sp, mem = data.get("speed", {}), data.get("memory", {})
     if sp:
         lines += ["## Speed, memory and size", "",
-                  "| quant | recipe | prefill ms | prefill speedup | TTFT ms | TTFT speedup | "
-                  "vision share of TTFT | "
+                  "| quant | recipe | prefill ms | prefill speedup | mean over items: prefill ms, speedup | "
+                  "TTFT ms | TTFT speedup | vision share of TTFT | "
                   "decode tok/s | decode vs keep-all | peak RSS MiB | .pte MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for quant, rows in sp.items():
             for name, r in rows.items():
                 m = mem.get(f"{name}/{quant}", {})
+                item_mean = (f"{r['prefill_ms_item_mean']:.2f}, {r['prefill_speedup_item_mean']:.2f}x "
+                             f"({r['items']} items)" if "prefill_ms_item_mean" in r else "")
                 lines.append(
-                    f"| {quant} | {name} | {r['prefill_ms']:.2f} | {r['prefill_speedup']:.2f}x | "
+                    f"| {quant} | {name} | {r['prefill_ms']:.2f} | {r['prefill_speedup']:.2f}x | {item_mean} | "
                     f"{r['ttft_ms']:.2f} | "
                     f"{r['ttft_speedup']:.2f}x | {r['vision_share_of_ttft']:.0%} | {r['decode_tok_s']:.1f} | "
                     f"{r['decode_ratio']:.2f}x | {m.get('peak_rss_mb', float('nan')):.0f} | "
@@ -271,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--speed-items", type=int, default=SPEED_ITEMS,
+                    help="test items in the speed stage (families in turn; 35 = five of each)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/ep-executorch"))
     ap.add_argument("--stages", default="convert,fidelity,speed,memory")
     ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated: none, 8da4w, int8 (none is the fidelity reference)")
@@ -291,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fidelity" in stages:
         fidelity(args.model, named, arts, args.n, state)
     if "speed" in stages:
-        speed(arts, list(named), args.runs, state)
+        speed(arts, list(named), args.runs, state, args.speed_items)
     if "memory" in stages:
         memory(arts, state)
     args.results.write_text(report(state.data, args.n))
