@@ -168,21 +168,21 @@ def speed(arts: dict[str, Path], names: list[str], runs: int, state: State, n_it
             for s in sessions.values():
                 s.generate(it.image, chat_prompt(it.question), max_new_tokens=2)
         samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-        per_item: dict[str, list[list[float]]] = {n: [[] for _ in items] for n in names}  # prefill ms
         for _ in tqdm(range(runs), desc=f"speed {quant}", unit="round"):
-            for i, it in enumerate(items):
+            for it in items:
                 for name, s in sessions.items():
                     r = s.generate(it.image, chat_prompt(it.question), max_new_tokens=DECODE_TOKENS,
                                    ignore_eos=True)
                     t = r.timings
-                    per_item[name][i].append(t.prefill_ms)
                     for key, value in (("prefill_ms", t.prefill_ms), ("ttft_ms", t.ttft_ms),
                                        ("vision_ms", t.vision_ms), ("decode_tok_s", t.decode_tok_s),
                                        ("preprocess_ms", t.preprocess_ms)):
                         samples[name].setdefault(key, []).append(value)
         med = {name: {k: statistics.median(v) for k, v in m.items()} for name, m in samples.items()}
         for name in names:  # the expected prefill over these items (what an exit router saves on average)
-            med[name]["prefill_ms_item_mean"] = statistics.mean(statistics.median(v) for v in per_item[name])
+            prefill = samples[name]["prefill_ms"]  # round by round, the items in order
+            med[name]["prefill_ms_item_mean"] = statistics.mean(statistics.median(prefill[i::len(items)])
+                                                                for i in range(len(items)))
         base = med["keep-all"]
         out[quant] = {
             name: {**{k: round(v, 3) for k, v in m.items()},
