@@ -40,7 +40,7 @@ def test_training_defaults_are_the_committed_models_settings() -> None:
     joint = run["joint_stage"]
     split = {"init_from", "tower_minutes", "max_minutes", "polish_minutes", "polish_steps"}
     # options added after a stage ran, at the value that trains as it did
-    since = {"count_sink": 0.0, "count_pool": 0.0, "count_look": 1, "family_balance": 0.0, "polish_lr": TrainConfig.polish_lr,
+    since = {"count_sink": 0.0, "count_pool": 0.0, "count_look": 1, "occupancy_weight": 0.0, "family_balance": 0.0, "polish_lr": TrainConfig.polish_lr,
              "vision_exit_after": -1, "vision_exit_rate": 0.5, "polish_look_layers": "", "polish_vision_exit_after": -1}
     defaults = {k: v for k, v in asdict(TrainConfig()).items() if k not in split}
     assert {**since, **{k: v for k, v in joint["config"].items() if k not in split}} == defaults

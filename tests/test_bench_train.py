@@ -410,6 +410,23 @@ def test_patch_targets_mark_each_object_and_its_centre() -> None:
         assert t.owner[o.cy // 8, o.cx // 8] == k + 1  # an object covers the patch of its centre
 
 
+def test_cell_occupancy_marks_every_patch_of_an_occupied_cell_so_its_mean_is_the_count() -> None:
+    """The occupancy read-out's target: the mean over the 576 patches must be count / 16 for every scene,
+    and a patch is marked exactly when an object's centre sits in its cell."""
+    from edge_prune.bench.generator import GRID, make_scene, patch_targets
+    from edge_prune.bench.train import cell_occupancy, stack_targets
+
+    scenes = [make_scene("test", i) for i in range(12)]
+    targets = stack_targets([patch_targets(s, 8) for s in scenes])
+    wanted = cell_occupancy(targets["cell"].reshape(len(scenes), -1), targets["owner"].reshape(len(scenes), -1))
+    assert sorted({len(s.objects) for s in scenes}) != [len(scenes[0].objects)]  # several counts are tried
+    for row, scene in enumerate(scenes):
+        assert float(wanted[row].mean()) * GRID * GRID == pytest.approx(len(scene.objects))
+        cells = {o.row * GRID + o.col for o in scene.objects}
+        marked = {int(c) for c in targets["cell"].reshape(len(scenes), -1)[row][wanted[row] > 0]}
+        assert marked == cells
+
+
 def test_object_probe_reads_each_objects_shape_colour_digit_and_quadrant_from_its_patches() -> None:
     """Features that spell out each patch's own labels give the object read-outs ~zero loss: the
     pooled labels (shape, colour, digit, quadrant of the object under the patches) are the right ones."""
