@@ -629,7 +629,7 @@ class PatchProbe(torch.nn.Module):
     """
 
     def __init__(self, hidden: int, head_dim: int = 0, readout_keys: Sequence[str] = (), query_keys: Sequence[str] = (),
-                 count_layers: Sequence[int] = ()) -> None:
+                 count_layers: Sequence[int] = (), occupancy: bool = False) -> None:
         super().__init__()
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in PROBE_CLASSES.items()})
         # LookGuide's read-outs of the guided heads' outputs, keyed layer_slot_attribute
@@ -642,11 +642,13 @@ class PatchProbe(torch.nn.Module):
         # per-patch shape read-out alone stayed at chance; the pooled one learns from the edges.
         self.objects = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, PROBE_CLASSES[k]) for k in OBJECT_PROBES})
         self.quadrant = torch.nn.Linear(hidden, 4)  # which image quadrant the object is in
-        self.occupancy = torch.nn.Linear(hidden, 1)  # TrainConfig.occupancy_weight: is my layout cell occupied
         if count_layers:  # TrainConfig.count_pool: the count from the mean visual token, and from the
             # second guided head's output at count questions in each look layer (LookGuide.loss)
             self.count = torch.nn.Linear(hidden, MAX_OBJECTS)
             self.count_readout = torch.nn.ModuleDict({str(i): torch.nn.Linear(head_dim, MAX_OBJECTS) for i in count_layers})
+        if occupancy:  # TrainConfig.occupancy_weight: is my layout cell occupied (created only when used, so
+            # that runs without it draw the same random initialisations as before it existed)
+            self.occupancy = torch.nn.Linear(hidden, 1)
 
     def occupancy_loss(self, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """Binary cross-entropy, per patch, of "an object sits in my layout cell" (TrainConfig.occupancy_weight),
@@ -1015,7 +1017,8 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         raise ValueError("--count-look 0 leaves count questions without a look; --count-sink and --count-pool "
                          "set that look, so they need --count-look 1")
     count_layers = look_layers if cfg.count_pool > 0 else []
-    probe = PatchProbe(cfg.text_hidden, cfg.text_hidden // cfg.text_heads, readout_keys, query_keys, count_layers).to(device)
+    probe = PatchProbe(cfg.text_hidden, cfg.text_hidden // cfg.text_heads, readout_keys, query_keys, count_layers,
+                       cfg.occupancy_weight > 0).to(device)
     if cfg.init_from and (Path(cfg.init_from) / PROBE_FILE).exists():
         # a stage-1 save has no read-out or query heads yet (stage 1 trains no decoder): they start fresh
         missing, unexpected = probe.load_state_dict(load_file(str(Path(cfg.init_from) / PROBE_FILE), device=str(device)), strict=False)
