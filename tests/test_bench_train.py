@@ -2,7 +2,7 @@
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -478,6 +478,11 @@ def test_tower_stage_trains_the_vision_side_only() -> None:
     records = []
     log = lambda record, _text: records.append(record)  # noqa: E731
     assert pretrain_tower(model, PatchProbe(cfg.text_hidden), cfg, log) == 2
+    occupancy_cfg = replace(cfg, occupancy_weight=1.0)  # the occupancy read-out trains in stage 1 too
+    probe = PatchProbe(cfg.text_hidden, occupancy=True)
+    head = probe.occupancy.weight.detach().clone()
+    assert pretrain_tower(model, probe, occupancy_cfg, log) == 2
+    assert not torch.equal(probe.occupancy.weight, head)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("model.vision_tower.") for n in changed)
     assert any(n.startswith("model.multi_modal_projector.") for n in changed)
@@ -504,19 +509,24 @@ def test_rescaling_visual_tokens_leaves_the_probe_loss_unchanged() -> None:
 
     cfg = TrainConfig(**SMOKE)
     model = build_model(cfg, build_tokenizer(cfg.vocab_size))
-    probe = PatchProbe(cfg.text_hidden)
+    probe = PatchProbe(cfg.text_hidden, occupancy=True)
     scenes = [make_scene("calib", i) for i in range(4)]
     targets = stack_targets([patch_targets(sc, cfg.patch_size) for sc in scenes])
     images = pixel_values([sc.render() for sc in scenes])
 
-    def probe_loss() -> float:
+    def probe_losses() -> tuple[float, float]:
         with torch.no_grad():
-            return float(probe.loss(torch.stack(list(model.model.get_image_features(pixel_values=images).pooler_output)), targets))
+            features = torch.stack(list(model.model.get_image_features(pixel_values=images).pooler_output))
+            return float(probe.loss(features, targets)), float(probe.occupancy_loss(features, targets))
 
-    before = probe_loss()
+    before = probe_losses()
     factor = scale_visual_tokens(model, 50.0, probe)
     assert abs(factor - 1) > 0.5  # the features really were rescaled
-    assert probe_loss() == pytest.approx(before, rel=1e-4)
+    after = probe_losses()
+    assert after[0] == pytest.approx(before[0], rel=1e-4)
+    # the occupancy read-out reads RMS-normalised features: its loss must not move either (the norm's
+    # epsilon alone moves it by ~3e-4)
+    assert after[1] == pytest.approx(before[1], rel=1e-3)
 
 
 def test_residual_penalty_is_the_mean_square_rms_at_text_positions_only() -> None:

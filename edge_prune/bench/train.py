@@ -902,7 +902,10 @@ def pretrain_tower(model: LlavaForConditionalGeneration, probe: PatchProbe, cfg:
         batch = _to(stack_targets(targets), model.device)
         images = pixel_values([sc.render() for sc in scenes]).to(model.device)
         features = model.model.get_image_features(pixel_values=images).pooler_output
-        loss = probe.loss(torch.stack(list(features)), batch)
+        features = torch.stack(list(features))
+        loss = probe.loss(features, batch)
+        if cfg.occupancy_weight > 0:  # the tower learns it here in ~200 steps, before the decoder needs it
+            loss = loss + cfg.occupancy_weight * probe.occupancy_loss(features, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -936,7 +939,9 @@ def scale_visual_tokens(model: LlavaForConditionalGeneration, norm: float, probe
     last.bias.mul_(factor)
     if probe is not None:
         for name, layer in probe.named_modules():
-            if isinstance(layer, torch.nn.Linear) and not name.startswith(("readout.", "query.")):  # those read heads, not features
+            # readout/query read heads, not features; occupancy/count read RMS-normalised features,
+            # which the rescale leaves as they were (dividing them blew their logits up 200-fold)
+            if isinstance(layer, torch.nn.Linear) and not name.startswith(("readout.", "query.", "occupancy", "count")):
                 layer.weight.div_(factor)
     return factor
 
