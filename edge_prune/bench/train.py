@@ -107,18 +107,20 @@ class TrainConfig:
     # 1 = a count question's guided heads are asked to look at every object (up to run 20); 0 = no
     # look at count questions, the heads learn freely there. In a GPU sweep of tower shapes at the
     # host's step budgets, the one run whose guided looks never took (look loss ~1.0) had the lowest
-    # count answer loss (0.50 against 0.65-0.83) and 78% count at test, against 66-69% for the rest
-    count_look: int = 1
+    # count answer loss (0.50 against 0.65-0.83) and 78% count at test, against 66-69% for the rest.
+    # Off from run 25 (the published model), with occupancy_weight below
+    count_look: int = 0
     # > 0: a per-patch read-out on the projector output (PatchProbe.occupancy_loss, this weight) of
     # whether an object sits in the patch's layout cell. Objects own distinct cells of a 6 x 6-patch
     # block each, so once every patch says it, the mean visual token is (count / 16) along one
     # direction: an even look over the image then reads the count, which no average over the objects
     # can. On run 20's tower this read-out was at 0.86 (majority 0.71) and the count from its mean 24%;
-    # trained alone on it, the tower reached 0.998 and 98.5% in 200 steps. Kept on in stage 3. 0 = off
-    # (the published model). As a stage 3 from run 16 (1,050 steps, lab) it raised count only from
-    # 73.1% to 74.2-76.0% on 2,100 count questions (benchmarks/count_by_number.py); the decoder's
-    # layer-0 output then gave the count to a linear probe 67% of the time (run 20: 43%)
-    occupancy_weight: float = 0.0
+    # trained alone on it, the tower reached 0.998 and 98.5% in 200 steps. On in every stage. As a
+    # stage 3 only, from run 16 (1,050 steps, lab), it raised count just from 73.1% to 74.2-76.0% on
+    # 2,100 count questions (benchmarks/count_by_number.py); on from stage 1 through the joint stage
+    # (run 25, the published model) count reached 99.7% (n=300) and the joint stage's count answer
+    # loss fell to ~0.2, where run 16's stayed at 0.7-0.9
+    occupancy_weight: float = 1.0
     # >= 0: in a share `vision_exit_rate` of training sequences, text tokens cannot attend to the visual
     # tokens in the decoder layers after this one (VisionExitMask), so the model learns to have read
     # the image by then, as LLaVA-1.5 has by its shallow layers (FastV: attention to image tokens is
