@@ -472,7 +472,7 @@ def test_object_probe_reads_each_objects_shape_colour_digit_and_quadrant_from_it
 def test_tower_stage_trains_the_vision_side_only() -> None:
     from edge_prune.bench.train import PatchProbe, pretrain_tower
 
-    cfg = TrainConfig(**{**SMOKE, "tower_steps": 2, "tower_batch": 2})
+    cfg = TrainConfig(**{**SMOKE, "tower_steps": 2, "tower_batch": 2, "occupancy_weight": 0.0})
     model = build_model(cfg, build_tokenizer(cfg.vocab_size))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     records = []
