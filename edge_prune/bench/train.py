@@ -941,8 +941,9 @@ def scale_visual_tokens(model: LlavaForConditionalGeneration, norm: float, probe
     last.bias.mul_(factor)
     if probe is not None:
         for name, layer in probe.named_modules():
-            # readout/query read heads, not features; occupancy/count read RMS-normalised features,
-            # which the rescale leaves as they were (dividing them blew their logits up 200-fold)
+            # readout/query/count_readout read attention heads' outputs, not features; occupancy/count
+            # read RMS-normalised features. The rescale leaves all of them as they were (dividing the
+            # occupancy and count heads blew their logits up 200-fold)
             if isinstance(layer, torch.nn.Linear) and not name.startswith(("readout.", "query.", "occupancy", "count")):
                 layer.weight.div_(factor)
     return factor
