@@ -4,7 +4,7 @@ The harness's 2,100-item test run asks 300 count questions: ±2.5 points of nois
 differences between training variants. This asks `--n` count questions (test split) of each model
 and splits the answers by how many objects the scene holds, so variants are compared side by side.
 
-    .venv/bin/python benchmarks/count_by_number.py [MODEL_DIR ...] [--n 2100]
+    .venv/bin/python benchmarks/count_by_number.py [MODEL_DIR ...] [--n 2100] [--recipe RECIPE]
 """
 
 from __future__ import annotations
@@ -13,28 +13,28 @@ import argparse
 import collections
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from edge_prune.bench.evaluate import answer, is_correct
 from edge_prune.bench.generator import MAX_OBJECTS, iter_items
-from edge_prune.bench.tokenizer import prompt
+from edge_prune.engine import PrunedEngine
 
 MODEL = Path(__file__).resolve().parent / "models" / "toyvqa-llava"
+BATCH = 16
 
 
-def count_accuracy(model_dir: Path, n: int) -> tuple[collections.Counter, collections.Counter]:
-    """(right, asked) per true object count, greedy first answer token as the harness reads it."""
-    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    processor = LlavaProcessor.from_pretrained(str(model_dir))
+def count_accuracy(model_dir: Path, n: int,
+                   recipe: Path | None = None) -> tuple[collections.Counter, collections.Counter]:
+    """(right, asked) per true object count, answered and scored exactly as the eval harness does."""
+    engine = PrunedEngine.load(model_dir, recipe=recipe)
+    items = list(iter_items("test", n, families=["count"]))
     right, asked = collections.Counter(), collections.Counter()
-    for item in tqdm(iter_items("test", n, families=["count"]), total=n, desc=model_dir.name, mininterval=5):
-        inputs = processor(images=item.image, text=prompt(item.question), return_tensors="pt")
-        with torch.no_grad():
-            token = int(model(**inputs).logits[0, -1].argmax())
-        objects = len(item.scene.objects)
-        asked[objects] += 1
-        right[objects] += processor.tokenizer.decode([token]).strip() == item.answer
+    for start in tqdm(range(0, n, BATCH), desc=model_dir.name, mininterval=5):
+        chunk = items[start:start + BATCH]
+        for item, text in zip(chunk, answer(engine, chunk).texts):
+            objects = len(item.scene.objects)
+            asked[objects] += 1
+            right[objects] += is_correct(text, item.answer)
     return right, asked
 
 
@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", type=Path, default=[MODEL], help="model directories (default: the benchmark model)")
     parser.add_argument("--n", type=int, default=2100, help="count questions per model")
+    parser.add_argument("--recipe", type=Path, help="answer under this pruning recipe (default: unpruned)")
     args = parser.parse_args()
     if args.n <= 0:
         parser.error(f"--n is {args.n}; expected a positive number of questions")
@@ -52,7 +53,7 @@ def main() -> None:
     print("| model | count | " + " | ".join(f"{k} objects" for k in numbers) + " |")
     print("|---|---|" + "---|" * len(numbers))
     for model_dir in args.models:
-        right, asked = count_accuracy(model_dir, args.n)
+        right, asked = count_accuracy(model_dir, args.n, args.recipe)
         overall = sum(right.values()) / sum(asked.values())
         cells = " | ".join(f"{right[k] / asked[k]:.1%} ({asked[k]})" if asked[k] else "-" for k in numbers)
         print(f"| {model_dir} | {overall:.1%} | {cells} |")

@@ -1,6 +1,11 @@
 """Issue 4's figures: FitPrune on the benchmark model at 40-90% prefill-FLOPs reduction, against
 random / pool / FastV at the same FLOPs, fit time, and predicted-FLOPs == `edge-prune cost`.
 
+Also: which ranking the fitted schedule should drop by (FitPrune's score or random, over the whole
+image or region by region, `--ranking`/`--regions`), chosen on the calibration split and reported on
+the test split; and how many decoder layers must see the image (all visual tokens dropped after
+layer K), which bounds what any schedule can save on this model.
+
     .venv/bin/python benchmarks/fitprune_curve.py [--n 2100] [--n-curve 700]
 
 Writes benchmarks/results/fitprune.md/.json/.png and recipes under benchmarks/recipes/NAME/.
@@ -28,14 +33,39 @@ from edge_prune.errors import RecipeError  # noqa: E402
 from edge_prune.fit.baselines import baseline_recipe  # noqa: E402
 from edge_prune.fit.calibration import load_calibration  # noqa: E402
 from edge_prune.fit.fitprune import FitPruneFitter  # noqa: E402
+from edge_prune.recipe import PruneSpec, Recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 MODEL = ROOT / "models" / "toyvqa-llava"
 CURVE = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+RANKINGS = ("fitprune", "random")
+REGIONS = (1, 2, 4, 8, 12)  # R x R regions of the 24 x 24 token grid
 
 
-def fit(engine: PrunedEngine, calib, target: float, accounting: str = "exact"):
-    return FitPruneFitter(engine, calib, target, accounting=accounting, batch_size=16, progress=False).fit()
+def fit(engine: PrunedEngine, calib, target: float, accounting: str = "exact", ranking: str = "fitprune",
+        regions: int = 1):
+    return FitPruneFitter(engine, calib, target, accounting=accounting, batch_size=16, progress=False,
+                          ranking=ranking, regions=regions).fit()
+
+
+def variant_name(target: float, ranking: str, regions: int) -> str:
+    name = f"fitprune-{round(target * 100)}"
+    if ranking != "fitprune":
+        name += f"-{ranking}"
+    return name + (f"-r{regions}" if regions > 1 else "")
+
+
+def image_seen_by(shape) -> list[SweepEntry]:
+    """Recipes that drop every visual token after layer K-1: only the first K layers' attention sees the image."""
+    entries = []
+    layers = shape.num_layers
+    for k in range(1, layers):
+        prune = PruneSpec(scorer="random", keep_after=[1.0] * (k - 1) + [0.0] * (layers - k + 1))
+        recipe = Recipe(model=shape.signature(), prune=prune,
+                        provenance={"method": "diagnostic: every visual token leaves after layer K-1"})
+        save_recipe(recipe, ROOT / "recipes", f"image-seen-by-{k}")
+        entries.append(SweepEntry(f"image-seen-by-{k}", recipe, f"layers 0..{k - 1} see the image"))
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=2100, help="items for the 60%% comparison (>= 2000)")
     ap.add_argument("--n-curve", type=int, default=700, help="items per curve point")
     ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--n-select", type=int, default=700, help="calibration-split items per ranking candidate")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     start = time.time()
@@ -87,6 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     first1 = FitPruneFitter(engine, calib, 0.6, batch_size=16, progress=False, first_layer=1).fit()
     save_recipe(first1.recipe, ROOT / "recipes", "fitprune-60-first1")
     same_flops.append(SweepEntry("fitprune-60-first1", first1.recipe, f"alpha {first1.alpha:.3f}, --first-layer 1"))
+
+    # Which ranking the 60% schedule drops by, chosen on the calibration split (never on test).
+    candidates = []
+    for ranking in RANKINGS:
+        for regions in REGIONS:
+            res = fit(engine, calib, 0.6, ranking=ranking, regions=regions)
+            candidates.append(SweepEntry(variant_name(0.6, ranking, regions), res.recipe,
+                                         f"--ranking {ranking} --regions {regions}"))
+    selection = run_sweep(args.model, candidates, n=args.n_select, engine=engine, split="calib")
+    best_of = {rk: max((r for r in selection if r["note"].startswith(f"--ranking {rk} ")),
+                       key=lambda r: r["accuracy"]) for rk in RANKINGS}
+    best = max(best_of.values(), key=lambda r: r["accuracy"])
+    best_ranking, best_regions = best["note"].split()[1], int(best["note"].split()[3])
+    notes.append(f"ranking chosen on the calibration split (n={args.n_select} per candidate): {best['name']} "
+                 f"({best['accuracy']:.2%}); the best with FitPrune's own score: {best_of['fitprune']['name']} "
+                 f"({best_of['fitprune']['accuracy']:.2%})")
+    for entry in candidates:
+        if entry.name in {best["name"], best_of["fitprune"]["name"], variant_name(0.6, "random", 1)}:
+            save_recipe(entry.recipe, ROOT / "recipes", entry.name)
+            same_flops.append(entry)
     rows60 = run_sweep(args.model, same_flops, n=args.n, engine=engine)
 
     curve_entries = []
@@ -100,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         save_recipe(res.recipe, ROOT / "recipes", name)
         curve_entries.append(SweepEntry(name, res.recipe, f"alpha {res.alpha:.3f}"))
+        if (best_ranking, best_regions) != ("fitprune", 1):
+            chosen = fit(engine, calib, target, ranking=best_ranking, regions=best_regions)
+            name = variant_name(target, best_ranking, best_regions)
+            save_recipe(chosen.recipe, ROOT / "recipes", name)
+            curve_entries.append(SweepEntry(name, chosen.recipe, f"alpha {chosen.alpha:.3f}"))
     curve = run_sweep(args.model, curve_entries, n=args.n_curve, engine=engine)
+    seen = run_sweep(args.model, image_seen_by(shape), n=args.n_curve, engine=engine)
 
     base = rows60[0]
     notes.append(f"at 60%: FitPrune {rows60[1]['accuracy']:.2%} vs unpruned {base['accuracy']:.2%} "
@@ -116,9 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     from edge_prune.bench.sweep import markdown_table
 
     md.write_text(md.read_text() + "\n## Curve\n\n" + markdown_table([base, *curve], reference="unpruned")
-                  + "\n![accuracy vs FLOPs](fitprune.png)\n")
-    (ROOT / "results" / "fitprune.json").write_text(json.dumps({"same_flops": rows60, "curve": curve, "notes": notes},
-                                                               indent=2))
+                  + "\n![accuracy vs FLOPs](fitprune.png)\n"
+                  + f"\n## Ranking for the 60% schedule (calibration split, n={args.n_select})\n\n"
+                  + markdown_table(selection)
+                  + "\n## How many layers must see the image (test split)\n\n"
+                  + "Every visual token is dropped after layer K-1, so only the first K layers' attention sees "
+                  "the image. No schedule that drops tokens a later layer still reads can keep full accuracy.\n\n"
+                  + markdown_table([base, *seen], reference="unpruned"))
+    (ROOT / "results" / "fitprune.json").write_text(json.dumps(
+        {"same_flops": rows60, "curve": curve, "ranking_selection": selection, "image_seen_by": seen, "notes": notes},
+        indent=2))
     plot(base, curve, rows60[2:], ROOT / "results" / "fitprune.png")
     print(md.read_text())
     return 0
@@ -132,7 +196,12 @@ def plot(base, curve, baselines, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], None, "overall"), (axes[1], "position", "position family")):
         get = (lambda r: r["accuracy"]) if key is None else (lambda r: r["per_family"][key])
-        ax.plot([r["flops_reduction"] * 100 for r in curve], [get(r) * 100 for r in curve], "o-", label="FitPrune")
+        variants: dict[str, list] = {}  # "fitprune-60-random-r8" -> "random-r8"
+        for r in curve:
+            variants.setdefault(r["name"].split("-", 2)[2] if r["name"].count("-") > 1 else "", []).append(r)
+        for variant, pts in variants.items():
+            label = f"FitPrune schedule, {variant} (chosen ranking)" if variant else "FitPrune"
+            ax.plot([r["flops_reduction"] * 100 for r in pts], [get(r) * 100 for r in pts], "o-", label=label)
         for method, marker in (("random", "x"), ("pool", "s"), ("fastv", "^")):
             pts = [r for r in baseline_rows if r["name"].startswith(method + "-")]
             pts += [r for r in baselines if r["name"].startswith(method + "-")]

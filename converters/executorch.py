@@ -555,6 +555,12 @@ def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> Program
             "LLaVA-NeXT's visual-token count depends on each image's size, but an ExecuTorch program needs "
             "static visual counts; convert a LLaVA (fixed grid) checkpoint, or use the GGUF converter"
         )
+    if recipe.prune.regions > 1:
+        raise RecipeError(
+            f"the recipe ranks tokens region by region (prune.regions = {recipe.prune.regions}); the ExecuTorch "
+            "converter ranks the whole image at once. Re-fit without --regions to convert to .pte, or run this "
+            "recipe with the GGUF converter (llama.cpp maps schedules to an input-level drop) or the engine"
+        )
     n = shape.num_visual_tokens
     kept = recipe.keep_counts(n)
     n_in = recipe.input_count(n)

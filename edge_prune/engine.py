@@ -35,6 +35,7 @@ from edge_prune.scoring import (
     ScoreContext,
     fitprune_attention,
     fitprune_combine,
+    grid_regions,
     pool_visual,
     select_visual,
 )
@@ -65,6 +66,7 @@ class WorkingSet:
     positions: torch.Tensor  # [B, T]
     visual: torch.Tensor  # [B, T]
     text_after: torch.Tensor  # [B, T] text tokens after the image
+    image_start: torch.Tensor | None = None  # [B] position of the image's first token (region-balanced drops)
 
     def select(self, keep: torch.Tensor) -> WorkingSet:
         """Keep the tokens marked in `keep` ([B, T] subset of valid), re-packed to the left."""
@@ -80,6 +82,7 @@ class WorkingSet:
             positions=take(self.positions),
             visual=take(self.visual) & valid,
             text_after=take(self.text_after) & valid,
+            image_start=self.image_start,
         )
 
 
@@ -289,7 +292,10 @@ class PrunedEngine:
             n = len(e)
             hidden[b, :n], valid[b, :n], vis_mask[b, :n], after_mask[b, :n] = e, True, vis, after
         positions = torch.arange(width, device=embeds.device).expand(bsz, -1).clone()
-        return WorkingSet(hidden, valid, positions, vis_mask, after_mask)
+        # Before any drop a row's visual tokens are its image's grid in order, so a visual token's grid
+        # index is its position minus the first one's (pooled inputs never rank by region).
+        image_start = vis_mask.long().argmax(1)  # 0 for a row without an image
+        return WorkingSet(hidden, valid, positions, vis_mask, after_mask, image_start)
 
     def _qkv(self, layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor):
         attn = layer.self_attn
@@ -384,7 +390,7 @@ class PrunedEngine:
         if scorer == "guide":
             assert self.guides is not None
             scores = self.guides.scores(layer, ws.hidden, ws.visual, ws.text_after & ws.valid)
-            keep_visual = select_visual(scores, ws.visual, targets)
+            keep_visual = select_visual(scores, ws.visual, targets, self._regions(ws))
             return ws.select(ws.valid & (~ws.visual | keep_visual))
         if scorer not in SCORERS:
             raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside the decoder")
@@ -395,8 +401,19 @@ class PrunedEngine:
             q, k, scaling, components = attn_ctx
         ctx = self.score_context(ws, layer, q, k, scaling)
         scores = fitprune_combine(ctx, *components) if components else SCORERS[scorer](ctx)
-        keep_visual = select_visual(scores, ws.visual, targets)
+        keep_visual = select_visual(scores, ws.visual, targets, self._regions(ws))
         return ws.select(ws.valid & (~ws.visual | keep_visual))
+
+    def _regions(self, ws: WorkingSet) -> torch.Tensor | None:
+        """Region id of every token for a region-balanced recipe (prune.regions > 1), else None."""
+        regions = self.recipe.prune.regions
+        if regions <= 1:
+            return None
+        if ws.image_start is None:
+            raise RecipeError("prune.regions needs the image's grid layout; build the working set with "
+                              "initial_working_set")
+        grid_index = torch.where(ws.visual, ws.positions - ws.image_start[:, None], -1)
+        return grid_regions(grid_index, self.recipe.model.num_visual_tokens, regions)
 
     def score_context(self, ws: WorkingSet, layer: int, q: torch.Tensor, k: torch.Tensor,
                        scaling: float) -> ScoreContext:

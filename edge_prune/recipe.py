@@ -110,6 +110,11 @@ class PruneSpec:
     guides: GuideSpec | None = None  # used by the guide scorer only
     # fitprune scorer only: how a token's cross and self scores combine (see FITPRUNE_COMBINES)
     fitprune_combine: str = "product"
+    # Region-balanced selection (an edge-prune extension): with regions = R > 1 the image's square
+    # token grid is cut into R x R regions and a drop keeps the best token of every region in turn
+    # (round robin), so each region keeps floor or ceil of count / R^2 and no part of the image
+    # empties. Counts per layer are unchanged, so FLOPs are too. 1: one global ranking (FitPrune's).
+    regions: int = 1
 
     def drop_layers(self) -> list[int]:
         """Layers after whose attention the schedule lowers the visual-token fraction."""
@@ -319,6 +324,7 @@ class Recipe:
                 f"{source}: field 'prune.scorer' is {p.scorer!r} but keep_after drops tokens inside "
                 "the decoder; choose a scorer that ranks tokens (fitprune, fastv, random)"
             )
+        self._validate_regions(source)
         if p.keep_input < 1.0 and p.scorer != "pool":
             raise RecipeError(
                 f"{source}: field 'prune.keep_input' is {p.keep_input} but only the 'pool' scorer "
@@ -341,6 +347,26 @@ class Recipe:
         fr = self.budget.flops_reduction
         if fr is not None and not (isinstance(fr, (int, float)) and 0.0 <= fr < 1.0):
             raise RecipeError(f"{source}: field 'budget.flops_reduction' is {fr!r}, expected a number in [0, 1)")
+
+    def _validate_regions(self, source: str) -> None:
+        regions = self.prune.regions
+        if not isinstance(regions, int) or isinstance(regions, bool) or regions < 1:
+            raise RecipeError(f"{source}: field 'prune.regions' is {regions!r}, expected a positive integer "
+                              "(1 ranks the whole image at once)")
+        if regions == 1:
+            return
+        side = math.isqrt(self.model.num_visual_tokens)
+        if side * side != self.model.num_visual_tokens:
+            raise RecipeError(
+                f"{source}: field 'prune.regions' is {regions}, but the model's {self.model.num_visual_tokens} "
+                "visual tokens are not a square grid; use regions 1"
+            )
+        if regions > side:
+            raise RecipeError(f"{source}: field 'prune.regions' is {regions}, more than the token grid's side "
+                              f"({side}); expected 1..{side}")
+        if self.prune.scorer in ("none", "pool"):
+            raise RecipeError(f"{source}: field 'prune.regions' is {regions}, but scorer {self.prune.scorer!r} "
+                              "does not rank tokens; regions apply to fitprune, fastv, random and guide")
 
     def _validate_guides(self, source: str) -> None:
         p, g = self.prune, self.prune.guides

@@ -174,14 +174,36 @@ def position_hash_uniform(seed: int, layer: int, positions: torch.Tensor) -> tor
 SCORERS = {"fastv": fastv_scores, "fitprune": fitprune_scores, "random": random_scores}
 
 
-def select_visual(scores: torch.Tensor, visual: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Mask of visual tokens to keep: per sample the `counts[b]` best, ties to the earlier token."""
+def select_visual(scores: torch.Tensor, visual: torch.Tensor, counts: list[int],
+                  regions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask of visual tokens to keep: per sample the `counts[b]` best, ties to the earlier token.
+
+    With `regions` ([B, T] region id of each visual token, see grid_regions) the ranking goes round
+    robin: every region's best, then every region's second best, ... so each region keeps its share
+    (floor or ceil of count / regions) of the kept tokens, the best ones first.
+    """
     masked = scores.float().masked_fill(~visual, float("-inf"))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    if regions is not None:
+        region_sorted = torch.gather(regions.clamp(min=0), 1, order)
+        onehot = torch.nn.functional.one_hot(region_sorted, int(regions.max()) + 1)
+        rank_in_region = (onehot.cumsum(1) * onehot).sum(-1)  # 1 for a region's best, 2 for its next ...
+        rank_in_region.masked_fill_(~torch.gather(visual, 1, order), torch.iinfo(rank_in_region.dtype).max)
+        order = torch.gather(order, 1, torch.sort(rank_in_region, dim=1, stable=True).indices)
     keep = torch.zeros_like(visual)
     for b, k in enumerate(counts):
         keep[b, order[b, :k]] = True
     return keep & visual
+
+
+def grid_regions(grid_index: torch.Tensor, n_visual: int, regions: int) -> torch.Tensor:
+    """Region id (0 .. regions^2 - 1, row-major) of each token on a square grid of n_visual tokens,
+    from its grid index (row-major patch number); entries outside [0, n_visual) get -1."""
+    side = math.isqrt(n_visual)
+    inside = (grid_index >= 0) & (grid_index < n_visual)
+    g = grid_index.clamp(0, n_visual - 1)
+    ids = (g // side) * regions // side * regions + (g % side) * regions // side
+    return torch.where(inside, ids, torch.full_like(ids, -1))
 
 
 def pool_grid(n: int, target: int) -> tuple[int, int] | None:

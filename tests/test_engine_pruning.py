@@ -109,3 +109,34 @@ def test_fewer_tokens_change_the_answer_distribution_differently_per_scorer(llav
     outs = {s: PrunedEngine(llava, _recipe(llava, s)).prefill(batch).logits for s in ("fastv", "fitprune", "random")}
     assert not torch.allclose(outs["fastv"], outs["fitprune"])
     assert not torch.allclose(outs["fastv"], outs["random"])
+
+
+@pytest.mark.parametrize("scorer", ["fitprune", "random"])
+def test_regions_keep_every_region_its_share_at_every_layer(scorer, llava, images):
+    """prune.regions = 2 on the tiny model's 8 x 8 grid: after each drop each quarter of the image holds
+    floor or ceil of count / 4 visual tokens, for every request of a batch whose prompts differ in length."""
+    recipe = _recipe(llava, scorer, keep=[0.5, 0.25, 0.125, 0.0625], regions=2)
+    engine = PrunedEngine(llava, recipe)
+    batch = llava.prepare(PROMPTS, images)
+    embeds, visual = llava.embed(batch, llava.image_features(batch))
+    ws = engine.initial_working_set(embeds, visual, batch.attention_mask.bool())
+    for i, layer in enumerate(llava.layers):
+        ws, _ = engine.attend_and_drop(layer, i, ws, [round(recipe.prune.keep_after[i] * 64)] * len(PROMPTS))
+        for b in range(len(PROMPTS)):
+            grid = ws.positions[b][ws.visual[b]] - int(ws.image_start[b])
+            quarters = (grid // 8 // 4) * 2 + (grid % 8) // 4
+            count = int(ws.visual[b].sum())
+            assert torch.bincount(quarters, minlength=4).tolist() == [count // 4] * 4  # counts are multiples of 4
+        ws.hidden = ws.hidden + layer.mlp(layer.post_attention_layernorm(ws.hidden))
+
+
+def test_region_ranking_is_independent_of_the_batch(llava, images):
+    recipe = _recipe(llava, "fitprune", regions=4)
+    engine = PrunedEngine(llava, recipe)
+    together = engine.prefill(llava.prepare(PROMPTS, images)).logits
+    for b in range(len(PROMPTS)):
+        alone = engine.prefill(llava.prepare(PROMPTS[b:b + 1], images[b:b + 1])).logits
+        assert (alone[0] - together[b]).abs().max().item() <= 1e-4
+    # and it is a different selection from the global ranking's
+    plain = PrunedEngine(llava, _recipe(llava, "fitprune")).prefill(llava.prepare(PROMPTS, images)).logits
+    assert (plain - together).abs().max().item() > 1e-4

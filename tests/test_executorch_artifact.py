@@ -215,3 +215,12 @@ def test_writer_refuses_a_non_artifact_and_needs_overwrite_for_an_artifact(tmp_p
     _write(art, overwrite=True, text="v2")
     assert (art / "model.bin").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "busy"]
+
+
+def test_region_balanced_recipe_is_refused_before_anything_is_written(model_dir, recipe, tmp_path):
+    from edge_prune.errors import RecipeError
+
+    balanced = Recipe(model=recipe.model, prune=PruneSpec(scorer="fitprune", keep_after=SCHEDULE, regions=2))
+    with pytest.raises(RecipeError, match="prune.regions = 2.*Re-fit without --regions"):
+        convert(model_dir, balanced, tmp_path / "out", ConvertOptions(progress=False))
+    assert not (tmp_path / "out").exists()

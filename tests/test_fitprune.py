@@ -92,6 +92,21 @@ def test_first_layer_keeps_every_token_before_it_and_still_meets_the_budget(tiny
         FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False, first_layer=9)
 
 
+def test_regions_and_ranking_go_into_the_recipe_and_leave_the_schedule(tiny_llava_dir, calib_jsonl):
+    engine = PrunedEngine.load(tiny_llava_dir)
+    calib = load_calibration(str(calib_jsonl), 4)
+    plain = FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False).fit().recipe
+    balanced = FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False, regions=4, ranking="random").fit().recipe
+    assert (balanced.prune.scorer, balanced.prune.regions) == ("random", 4)
+    assert (balanced.provenance["ranking"], balanced.provenance["regions"]) == ("random", 4)
+    assert (plain.prune.scorer, plain.prune.regions) == ("fitprune", 1)
+    assert balanced.prune.keep_after == plain.prune.keep_after  # the search is the same
+    with pytest.raises(RecipeError, match="prune.regions' is 9, more than the token grid's side"):
+        FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False, regions=9)
+    with pytest.raises(RecipeError, match="--ranking 'fastv'"):
+        FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False, ranking="fastv")
+
+
 def test_unreachable_budget_reports_the_largest(tiny_llava_dir, calib_jsonl):
     engine = PrunedEngine.load(tiny_llava_dir)
     calib = load_calibration(str(calib_jsonl), 2)

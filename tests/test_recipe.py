@@ -50,6 +50,11 @@ def test_identity_recipe_keeps_everything():
         (lambda d: d["prune"].update(bogus=1), "unknown keys \\['bogus'\\]"),
         (lambda d: d["budget"].update(accounting="vibes"), "budget.accounting"),
         (lambda d: d["prune"].update(fitprune_combine="sum"), "prune.fitprune_combine' is 'sum', expected one of product, either"),
+        (lambda d: d["prune"].update(regions=0), "prune.regions' is 0, expected a positive integer"),
+        (lambda d: d["prune"].update(regions=9), "prune.regions' is 9, more than the token grid's side \\(8\\)"),
+        (lambda d: d["model"].update(num_visual_tokens=60) or d["prune"].update(regions=2), "are not a square grid"),
+        (lambda d: d["prune"].update(scorer="pool", keep_input=0.5, keep_after=[0.5] * 4, regions=2),
+         "scorer 'pool' does not rank tokens"),
     ],
 )
 def test_invalid_recipes_name_the_field(tmp_path, mutate, message):

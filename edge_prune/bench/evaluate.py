@@ -19,7 +19,7 @@ from tqdm import tqdm
 from edge_prune.bench.generator import FAMILIES, SPLITS, iter_items
 from edge_prune.bench.tokenizer import prompt as chat_prompt
 from edge_prune.cost import estimate
-from edge_prune.engine import PrunedEngine
+from edge_prune.engine import GenerationResult, PrunedEngine
 from edge_prune.errors import InputError
 from edge_prune.recipe import Recipe
 
@@ -81,6 +81,17 @@ def check_request(split: str, n: int, families: Sequence[str] | None) -> None:
             raise InputError(f"unknown family {fam!r}; expected one of {', '.join(FAMILIES)}")
 
 
+def is_correct(answer_text: str, truth: str) -> bool:
+    """The harness's rule: an answer counts when its first word equals the truth."""
+    words = answer_text.strip().split()
+    return bool(words) and words[0] == truth
+
+
+def answer(engine: PrunedEngine, items: Sequence[Any]) -> GenerationResult:
+    """Greedy answers to a batch of benchmark items, as the harness asks them."""
+    return engine.generate([chat_prompt(it.question) for it in items], [it.image for it in items], max_new_tokens=4)
+
+
 def _mean_visual_hook(features: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Replace each image's visual tokens by their mean: removes the image's content, keeps its scale."""
     parts = torch.split(features, counts)
@@ -120,12 +131,10 @@ def evaluate(
     bar = tqdm(total=len(items), desc=f"eval {split}", disable=not progress, unit="item")
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        out = engine.generate([chat_prompt(it.question) for it in chunk], [it.image for it in chunk],
-                              max_new_tokens=4)
+        out = answer(engine, chunk)
         for it, text, kept, ids in zip(chunk, out.texts, out.kept, out.prompt_lengths):
-            words = text.strip().split()
             total[it.family] = total.get(it.family, 0) + 1
-            correct[it.family] = correct.get(it.family, 0) + int(bool(words) and words[0] == it.answer)
+            correct[it.family] = correct.get(it.family, 0) + int(is_correct(text, it.answer))
             kept_sum = [a + b for a, b in zip(kept_sum, kept.per_layer)] if kept_sum else list(kept.per_layer)
             text_tokens.append(ids - kept.visual_tokens)
             where = "none" if kept.exit_layer is None else str(kept.exit_layer)

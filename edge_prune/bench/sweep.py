@@ -30,12 +30,12 @@ def save_recipe(recipe: Recipe, recipes_dir: Path, name: str) -> Path:
 
 
 def run_sweep(model_dir: Path, entries: list[SweepEntry], n: int, batch_size: int = 16,
-              engine: PrunedEngine | None = None) -> list[dict[str, Any]]:
+              engine: PrunedEngine | None = None, split: str = "test") -> list[dict[str, Any]]:
     engine = engine or PrunedEngine.load(model_dir)
     rows = []
     for entry in entries:
         print(f"== {entry.name} ({entry.note})", flush=True)
-        result: EvalResult = evaluate(model_dir, recipe=entry.recipe, n=n, batch_size=batch_size,
+        result: EvalResult = evaluate(model_dir, recipe=entry.recipe, split=split, n=n, batch_size=batch_size,
                                       ablate_visual=entry.ablate_visual, engine=engine)
         engine.feature_hook = None  # evaluate() installs the ablation hook on the shared engine
         row = {"name": entry.name, "note": entry.note, **result.to_dict()}
