@@ -1,9 +1,9 @@
 """Issue 4's figures: FitPrune on the benchmark model at 40-90% prefill-FLOPs reduction, against
 random / pool / FastV at the same FLOPs, fit time, and predicted-FLOPs == `edge-prune cost`.
 
-Also: which ranking the fitted schedule should drop by (FitPrune's score or random, over the whole
-image or region by region, `--ranking`/`--regions`), chosen on the calibration split and reported on
-the test split; and how many decoder layers must see the image (all visual tokens dropped after
+Also: what the fitted schedule's drops should do (rank by FitPrune's score or at random, over the
+whole image or region by region, discard or merge the dropped tokens: `--ranking`, `--regions`,
+`--merge`), chosen on the calibration split and reported on the test split; and how many decoder layers must see the image (all visual tokens dropped after
 layer K), which bounds what any schedule can save on this model.
 
     .venv/bin/python benchmarks/fitprune_curve.py [--n 2100] [--n-curve 700]
@@ -39,20 +39,25 @@ ROOT = Path(__file__).resolve().parent
 MODEL = ROOT / "models" / "toyvqa-llava"
 CURVE = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RANKINGS = ("fitprune", "random")
-REGIONS = (1, 2, 4, 8, 12)  # R x R regions of the 24 x 24 token grid
+REGIONS = (1, 4, 8, 12)  # R x R regions of the 24 x 24 token grid
+MERGE = (False, True)
 
 
 def fit(engine: PrunedEngine, calib, target: float, accounting: str = "exact", ranking: str = "fitprune",
-        regions: int = 1):
+        regions: int = 1, merge: bool = False):
     return FitPruneFitter(engine, calib, target, accounting=accounting, batch_size=16, progress=False,
-                          ranking=ranking, regions=regions).fit()
+                          ranking=ranking, regions=regions, merge=merge).fit()
 
 
-def variant_name(target: float, ranking: str, regions: int) -> str:
+def variant_name(target: float, ranking: str, regions: int, merge: bool = False) -> str:
     name = f"fitprune-{round(target * 100)}"
     if ranking != "fitprune":
         name += f"-{ranking}"
-    return name + (f"-r{regions}" if regions > 1 else "")
+    return name + (f"-r{regions}" if regions > 1 else "") + ("-merge" if merge else "")
+
+
+def variant_flags(ranking: str, regions: int, merge: bool) -> str:
+    return f"--ranking {ranking} --regions {regions}" + (" --merge" if merge else "")
 
 
 def image_seen_by(shape) -> list[SweepEntry]:
@@ -119,23 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     save_recipe(first1.recipe, ROOT / "recipes", "fitprune-60-first1")
     same_flops.append(SweepEntry("fitprune-60-first1", first1.recipe, f"alpha {first1.alpha:.3f}, --first-layer 1"))
 
-    # Which ranking the 60% schedule drops by, chosen on the calibration split (never on test).
-    candidates = []
-    for ranking in RANKINGS:
-        for regions in REGIONS:
-            res = fit(engine, calib, 0.6, ranking=ranking, regions=regions)
-            candidates.append(SweepEntry(variant_name(0.6, ranking, regions), res.recipe,
-                                         f"--ranking {ranking} --regions {regions}"))
+    # What the 60% schedule's drops do (ranking, regions, merging), chosen on the calibration split
+    # (never on test).
+    candidates, settings = [], {}
+    for merge in MERGE:
+        for ranking in RANKINGS:
+            for regions in REGIONS:
+                res = fit(engine, calib, 0.6, ranking=ranking, regions=regions, merge=merge)
+                name = variant_name(0.6, ranking, regions, merge)
+                settings[name] = (ranking, regions, merge)
+                candidates.append(SweepEntry(name, res.recipe, variant_flags(ranking, regions, merge)))
     selection = run_sweep(args.model, candidates, n=args.n_select, engine=engine, split="calib")
-    best_of = {rk: max((r for r in selection if r["note"].startswith(f"--ranking {rk} ")),
-                       key=lambda r: r["accuracy"]) for rk in RANKINGS}
-    best = max(best_of.values(), key=lambda r: r["accuracy"])
-    best_ranking, best_regions = best["note"].split()[1], int(best["note"].split()[3])
-    notes.append(f"ranking chosen on the calibration split (n={args.n_select} per candidate): {best['name']} "
-                 f"({best['accuracy']:.2%}); the best with FitPrune's own score: {best_of['fitprune']['name']} "
-                 f"({best_of['fitprune']['accuracy']:.2%})")
+
+    def best_where(keep) -> dict:
+        return max((r for r in selection if keep(*settings[r["name"]])), key=lambda r: r["accuracy"])
+
+    best = best_where(lambda rk, rg, mg: True)
+    best_fitprune = best_where(lambda rk, rg, mg: rk == "fitprune")
+    best_discard = best_where(lambda rk, rg, mg: not mg)
+    best_ranking, best_regions, best_merge = settings[best["name"]]
+    notes.append(f"drop variant chosen on the calibration split (n={args.n_select} per candidate): {best['name']} "
+                 f"({best['accuracy']:.2%}); the best with FitPrune's own score: {best_fitprune['name']} "
+                 f"({best_fitprune['accuracy']:.2%}); the best that discards: {best_discard['name']} "
+                 f"({best_discard['accuracy']:.2%})")
+    shown = {best["name"], best_fitprune["name"], best_discard["name"], variant_name(0.6, "random", 1)}
     for entry in candidates:
-        if entry.name in {best["name"], best_of["fitprune"]["name"], variant_name(0.6, "random", 1)}:
+        if entry.name in shown:
             save_recipe(entry.recipe, ROOT / "recipes", entry.name)
             same_flops.append(entry)
     rows60 = run_sweep(args.model, same_flops, n=args.n, engine=engine)
@@ -151,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         save_recipe(res.recipe, ROOT / "recipes", name)
         curve_entries.append(SweepEntry(name, res.recipe, f"alpha {res.alpha:.3f}"))
-        if (best_ranking, best_regions) != ("fitprune", 1):
-            chosen = fit(engine, calib, target, ranking=best_ranking, regions=best_regions)
-            name = variant_name(target, best_ranking, best_regions)
+        if (best_ranking, best_regions, best_merge) != ("fitprune", 1, False):
+            chosen = fit(engine, calib, target, ranking=best_ranking, regions=best_regions, merge=best_merge)
+            name = variant_name(target, best_ranking, best_regions, best_merge)
             save_recipe(chosen.recipe, ROOT / "recipes", name)
             curve_entries.append(SweepEntry(name, chosen.recipe, f"alpha {chosen.alpha:.3f}"))
     curve = run_sweep(args.model, curve_entries, n=args.n_curve, engine=engine)
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     md.write_text(md.read_text() + "\n## Curve\n\n" + markdown_table([base, *curve], reference="unpruned")
                   + "\n![accuracy vs FLOPs](fitprune.png)\n"
-                  + f"\n## Ranking for the 60% schedule (calibration split, n={args.n_select})\n\n"
+                  + f"\n## What the 60% schedule's drops do (calibration split, n={args.n_select})\n\n"
                   + markdown_table(selection)
                   + "\n## How many layers must see the image (test split)\n\n"
                   + "Every visual token is dropped after layer K-1, so only the first K layers' attention sees "

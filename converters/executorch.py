@@ -561,6 +561,11 @@ def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> Program
             "converter ranks the whole image at once. Re-fit without --regions to convert to .pte, or run this "
             "recipe with the GGUF converter (llama.cpp maps schedules to an input-level drop) or the engine"
         )
+    if recipe.prune.merge:
+        raise RecipeError(
+            "the recipe merges dropped tokens into kept ones (prune.merge = true); the ExecuTorch converter "
+            "discards them. Re-fit without --merge to convert to .pte, or run this recipe with the engine"
+        )
     n = shape.num_visual_tokens
     kept = recipe.keep_counts(n)
     n_in = recipe.input_count(n)

@@ -184,7 +184,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         calibration = load_calibration(args.calib, args.n, warn=dist.rank == 0)
         fitter = FitPruneFitter(engine, calibration, args.flops_reduction, accounting=args.accounting,
                                 batch_size=args.batch_size, dist=dist, progress=not args.json,
-                                first_layer=args.first_layer, regions=args.regions, ranking=args.ranking)
+                                first_layer=args.first_layer, regions=args.regions, ranking=args.ranking,
+                                merge=args.merge)
         device_budget = None
         if args.profile is not None:
             from edge_prune.predict import device_target
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeps its share (1 = one global ranking, as published)")
     p.add_argument("--ranking", choices=("fitprune", "random"), default="fitprune",
                    help="fitprune: how the schedule's drops rank tokens (FitPrune's attention score, or random)")
+    p.add_argument("--merge", action="store_true",
+                   help="fitprune: merge each dropped token into its most similar kept one (proportional "
+                        "attention) instead of discarding it")
     p.add_argument("--profile", help="fitprune: fit the smallest reduction that meets this device's budget "
                                      "(see `edge-prune profiles`), with --ttft-ms and/or --peak-rss-mb")
     p.add_argument("--ttft-ms", type=float, help="with --profile: time-to-first-token budget")

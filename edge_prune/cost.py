@@ -36,6 +36,9 @@ Learned modules (exact accounting only; the paper accountings print no term for 
     (all prompt text), an upper bound: the guides attend to the text after the image only.
   * exit router: per candidate layer it is evaluated at (every candidate up to and including the exit
     layer, while the request still has visual tokens): 2d r + 2r multiply-adds.
+Merging (recipe `prune.merge`, exact accounting only): at each layer that drops visual tokens, n_drop
+dropped and n_keep kept: n_drop n_keep d multiply-adds for the cosine similarities and n_drop d for the
+weighted sums of the dropped states (edge_prune.merging).
 Exits are per request, so a recipe with an exit router is costed as an EXPECTATION: the mean over the
 exit-layer distribution (`exit.exit_rates`, measured on held-out calibration data when the router was
 fitted; the rest never exit), or over a distribution passed to `estimate` (e.g. one measured by
@@ -75,7 +78,7 @@ KV_DTYPE_BITS: dict[str, Fraction] = {
 
 # Prefill FLOPs broken down by where they are spent; the paper accountings leave the first two at 0.
 PARTS = ("vision_tower", "projector", "attention_projections", "attention_scores", "mlp", "lm_head", "guides",
-         "exit_router")
+         "exit_router", "merge")
 
 # ---- weight formats ------------------------------------------------------------------------------
 WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "8da4w", "q8_0", "q4_0", "q4_k_m")
@@ -244,6 +247,8 @@ def prefill_breakdown(
         parts["lm_head"] = d * shape.vocab_size
         if isinstance(pruning, Recipe):
             parts["guides"], parts["exit_router"] = _module_macs(shape, pruning, text_tokens, n_visual, exit_layer)
+            if pruning.prune.merge:
+                parts["merge"] = _merge_macs(shape, sched)
         return {k: 2 * value for k, value in parts.items()}  # FLOPs = 2 x multiply-adds
 
     visual_only = accounting == "fitprune"  # FitPrune counts visual tokens only, FastV all tokens
@@ -295,6 +300,18 @@ def _module_macs(shape: ModelShape, recipe: Recipe, text_tokens: int, n_visual: 
             if plain.visual_out[layer] > 0 and text_tokens > 0:  # evaluated while visual tokens remain
                 router += 2 * d * e.rank + 2 * e.rank
     return guides, router
+
+
+def _merge_macs(shape: ModelShape, sched: TokenSchedule) -> int:
+    """Multiply-adds of merging (recipe prune.merge): at each layer that drops visual tokens, the cosine
+    similarity of every dropped to every kept token and the weighted sums of the dropped states. An exit
+    (nothing kept) merges nothing."""
+    macs = 0
+    for i in range(sched.num_layers):
+        dropped, kept = sched.visual_in[i] - sched.visual_out[i], sched.visual_out[i]
+        if dropped > 0 and kept > 0:
+            macs += dropped * kept * shape.hidden_size + dropped * shape.hidden_size
+    return macs
 
 
 def exit_distribution(recipe: Recipe | None) -> dict[int | None, float]:

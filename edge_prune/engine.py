@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_prune.errors import InputError, RecipeError
+from edge_prune.merging import merge_into_kept
 from edge_prune.models.adapter import ImageInput, LlavaAdapter, PreparedBatch
 from edge_prune.recipe import Recipe, router_exits
 from edge_prune.runtimes.results import KeptTokens, Timings
@@ -67,6 +68,11 @@ class WorkingSet:
     visual: torch.Tensor  # [B, T]
     text_after: torch.Tensor  # [B, T] text tokens after the image
     image_start: torch.Tensor | None = None  # [B] position of the image's first token (region-balanced drops)
+    size: torch.Tensor | None = None  # [B, T] tokens each entry stands for once merged (None: one each)
+
+    def key_bias(self) -> torch.Tensor | None:
+        """Per-key attention bias of merged tokens (log size, ToMe's proportional attention), or None."""
+        return None if self.size is None else self.size.clamp(min=1).log()
 
     def select(self, keep: torch.Tensor) -> WorkingSet:
         """Keep the tokens marked in `keep` ([B, T] subset of valid), re-packed to the left."""
@@ -83,6 +89,7 @@ class WorkingSet:
             visual=take(self.visual) & valid,
             text_after=take(self.text_after) & valid,
             image_start=self.image_start,
+            size=None if self.size is None else take(self.size),
         )
 
 
@@ -91,6 +98,7 @@ class LayerCache:
     key: torch.Tensor  # [B, KVH, L, hd]
     value: torch.Tensor
     valid: torch.Tensor  # [B, L]
+    bias: torch.Tensor | None = None  # [B, L] log size of merged keys (recipes with prune.merge)
 
 
 @dataclass
@@ -255,10 +263,12 @@ class PrunedEngine:
                 cache.key = torch.cat([cache.key, k], dim=2)
                 cache.value = torch.cat([cache.value, v], dim=2)
                 cache.valid = torch.cat([cache.valid, torch.ones_like(cache.valid[:, :1])], dim=1)
-                out = F.scaled_dot_product_attention(
-                    q, cache.key, cache.value, attn_mask=cache.valid[:, None, None, :],
-                    scale=attn.scaling, enable_gqa=True,
-                )
+                mask = cache.valid[:, None, None, :]
+                if cache.bias is not None:
+                    cache.bias = torch.cat([cache.bias, torch.zeros_like(cache.bias[:, :1])], dim=1)
+                    mask = _float_mask(mask, cache.bias, q.dtype)
+                out = F.scaled_dot_product_attention(q, cache.key, cache.value, attn_mask=mask,
+                                                     scale=attn.scaling, enable_gqa=True)
                 h = h + attn.o_proj(out.transpose(1, 2).reshape(h.shape[0], 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.adapter.lm_head(self.adapter.final_norm(h[:, -1])).float()
@@ -333,20 +343,22 @@ class PrunedEngine:
         q, k, v = self._qkv(layer, x, ws.positions)
         bsz, t = ws.valid.shape
         components = None
+        bias = ws.key_bias()
         if fitprune_layer is not None:
             out, cross, self_ = fitprune_attention(self.score_context(ws, fitprune_layer, q, k, attn.scaling), v)
             components = (cross, self_)
-        elif bool(ws.valid.all()):
+        elif bool(ws.valid.all()) and bias is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
         else:
             idx = torch.arange(t, device=q.device)
             causal = idx[None, :] <= idx[:, None]
             # Padding rows attend to themselves only, so they stay finite (their output is ignored).
-            mask = (causal[None] & ws.valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=q.device)[None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=attn.scaling,
-                                                 enable_gqa=True)
+            mask = ((causal[None] & ws.valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=q.device)[None])[:, None]
+            if bias is not None:
+                mask = _float_mask(mask, bias, q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         out = attn.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
-        cache = LayerCache(key=k, value=v, valid=ws.valid.clone())
+        cache = LayerCache(key=k, value=v, valid=ws.valid.clone(), bias=None if bias is None else bias.clone())
         return out, cache, (q, k, attn.scaling, components)
 
     def _mlp_and_exit(self, layer: torch.nn.Module, i: int, ws: WorkingSet, counts: list[list[int]],
@@ -391,7 +403,7 @@ class PrunedEngine:
             assert self.guides is not None
             scores = self.guides.scores(layer, ws.hidden, ws.visual, ws.text_after & ws.valid)
             keep_visual = select_visual(scores, ws.visual, targets, self._regions(ws))
-            return ws.select(ws.valid & (~ws.visual | keep_visual))
+            return self._keep(ws, keep_visual)
         if scorer not in SCORERS:
             raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside the decoder")
         if attn_ctx is None:
@@ -402,6 +414,13 @@ class PrunedEngine:
         ctx = self.score_context(ws, layer, q, k, scaling)
         scores = fitprune_combine(ctx, *components) if components else SCORERS[scorer](ctx)
         keep_visual = select_visual(scores, ws.visual, targets, self._regions(ws))
+        return self._keep(ws, keep_visual)
+
+    def _keep(self, ws: WorkingSet, keep_visual: torch.Tensor) -> WorkingSet:
+        """The working set with only `keep_visual` of its visual tokens, the rest merged in if the recipe says so."""
+        if self.recipe.prune.merge:
+            size = ws.size if ws.size is not None else torch.ones_like(ws.valid, dtype=torch.float32)
+            ws.hidden, ws.size = merge_into_kept(ws.hidden, size, ws.visual & ws.valid, keep_visual)
         return ws.select(ws.valid & (~ws.visual | keep_visual))
 
     def _regions(self, ws: WorkingSet) -> torch.Tensor | None:
@@ -419,7 +438,8 @@ class PrunedEngine:
                        scaling: float) -> ScoreContext:
         return ScoreContext(layer=layer, query=q, key=k, scaling=scaling, valid=ws.valid, visual=ws.visual,
                             text_after=ws.text_after, positions=ws.positions, seed=self.recipe.prune.seed,
-                            chunk=self.score_chunk, fitprune_combine=self.recipe.prune.fitprune_combine)
+                            chunk=self.score_chunk, fitprune_combine=self.recipe.prune.fitprune_combine,
+                            key_bias=ws.key_bias())
 
     def _trim(self, tokens: torch.Tensor) -> list[list[int]]:
         """Cut each row after its first end-of-sequence token (which is kept)."""
@@ -428,6 +448,13 @@ class PrunedEngine:
             cut = next((j + 1 for j, t in enumerate(row) if t in self.adapter.eos_token_ids), len(row))
             out.append(row[:cut])
         return out
+
+
+def _float_mask(allowed: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive SDPA mask: -inf where `allowed` ([B, 1, Q, K] or broadcastable) is false, else the
+    key's bias ([B, K])."""
+    bias = bias[:, None, None, :].to(dtype)
+    return torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=dtype, device=bias.device))
 
 
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,

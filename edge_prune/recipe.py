@@ -115,6 +115,10 @@ class PruneSpec:
     # (round robin), so each region keeps floor or ceil of count / R^2 and no part of the image
     # empties. Counts per layer are unchanged, so FLOPs are too. 1: one global ranking (FitPrune's).
     regions: int = 1
+    # Merge instead of discard (an edge-prune extension, see edge_prune.merging): each dropped visual
+    # token joins its most similar kept one, whose state becomes the group's mean and whose key then
+    # weighs as much as the group in every later attention. Counts, and so the schedule, are unchanged.
+    merge: bool = False
 
     def drop_layers(self) -> list[int]:
         """Layers after whose attention the schedule lowers the visual-token fraction."""
@@ -325,6 +329,11 @@ class Recipe:
                 "the decoder; choose a scorer that ranks tokens (fitprune, fastv, random)"
             )
         self._validate_regions(source)
+        if not isinstance(p.merge, bool):
+            raise RecipeError(f"{source}: field 'prune.merge' is {p.merge!r}, expected true or false")
+        if p.merge and p.scorer in ("none", "pool"):
+            raise RecipeError(f"{source}: field 'prune.merge' is true, but scorer {p.scorer!r} does not drop tokens "
+                              "inside the decoder; merging applies to fitprune, fastv, random and guide")
         if p.keep_input < 1.0 and p.scorer != "pool":
             raise RecipeError(
                 f"{source}: field 'prune.keep_input' is {p.keep_input} but only the 'pool' scorer "

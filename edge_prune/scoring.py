@@ -39,6 +39,7 @@ class ScoreContext:
     chunk: int = DEFAULT_CHUNK
     hidden: torch.Tensor | None = None  # [B, T, d] states after the layer's attention (learned scorers)
     fitprune_combine: str = "product"  # see edge_prune.recipe.FITPRUNE_COMBINES
+    key_bias: torch.Tensor | None = None  # [B, T] log of the tokens each key stands for (merged recipes)
 
 
 def attention_rows(ctx: ScoreContext, rows: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,8 @@ def attention_rows(ctx: ScoreContext, rows: torch.Tensor) -> torch.Tensor:
     k = _per_query_head(ctx.key, h)
     # In place where possible: a chunk's [B, H, c, T] logits are the largest tensors scoring makes.
     logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(ctx.scaling)
+    if ctx.key_bias is not None:
+        logits.add_(ctx.key_bias[:, None, None, :])
     key_pos = torch.arange(t, device=q.device)
     allowed = (key_pos[None, None, :] <= rows[:, :, None]) & ctx.valid[:, None, :]  # causal + padding
     logits.masked_fill_(~allowed[:, None], torch.finfo(logits.dtype).min)
@@ -130,6 +133,8 @@ def _fitprune_pass(ctx: ScoreContext, value: torch.Tensor | None):
         if out is None and not needed[:, start:end].any():
             continue
         logits = torch.matmul(ctx.query[:, :, start:end], key[:, :, :end].transpose(-1, -2)).float().mul_(ctx.scaling)
+        if ctx.key_bias is not None:
+            logits.add_(ctx.key_bias[:, None, None, :end])
         diagonal = torch.ones(end - start, end - start, dtype=torch.bool, device=logits.device).tril_()
         logits[..., start:].masked_fill_(~diagonal, low)
         if padded:

@@ -159,6 +159,18 @@ def test_exact_pruned_7b(llava: ModelShape, staged: Recipe) -> None:
     assert parts["vision_tower"] == 2 * VISION_MACS and parts["lm_head"] == 2 * LM_HEAD_MACS
 
 
+def test_merging_is_counted_at_each_dropping_layer(llava: ModelShape, staged: Recipe) -> None:
+    """`staged` drops 288 of 576 after layer 2 and 144 of 288 after layer 10: a dropped x kept similarity
+    and a weighted sum per dropped token, exact accounting only."""
+    merged = replace(staged, prune=replace(staged.prune, merge=True))
+    macs = 288 * 288 * D + 288 * D + 144 * 144 * D + 144 * D
+    assert prefill_breakdown(llava, merged, TEXT)["merge"] == 2 * macs
+    assert prefill_flops(llava, merged, TEXT) == prefill_flops(llava, staged, TEXT) + 2 * macs
+    assert prefill_breakdown(llava, staged, TEXT)["merge"] == 0
+    assert prefill_breakdown(llava, merged, TEXT, accounting="fitprune") == prefill_breakdown(
+        llava, staged, TEXT, accounting="fitprune")
+
+
 def test_fastv_accounting_7b(llava: ModelShape, staged: Recipe) -> None:
     # 4nd^2 + 2n^2 d + 2ndm per layer over all tokens, attention part with n_in, MLP with n_out.
     assert prefill_flops(llava, None, TEXT, "fastv") == 32 * (4 * N * D * D + 2 * N * N * D + 2 * N * D * M)

@@ -140,3 +140,35 @@ def test_region_ranking_is_independent_of_the_batch(llava, images):
     # and it is a different selection from the global ranking's
     plain = PrunedEngine(llava, _recipe(llava, "fitprune")).prefill(llava.prepare(PROMPTS, images)).logits
     assert (plain - together).abs().max().item() > 1e-4
+
+
+def test_merging_keeps_every_dropped_token_counted_and_decode_attends_as_prefill(llava, images):
+    """With prune.merge the kept visual tokens stand for all the image's tokens at every layer (sizes sum
+    to n_visual), and a decode step over the cache (log sizes included) gives the logits a fresh prefill
+    of the prompt plus the generated tokens gives (random ranking: the drops do not depend on the text)."""
+    recipe = _recipe(llava, "random", merge=True)
+    engine = PrunedEngine(llava, recipe)
+    batch = llava.prepare(PROMPTS[:1], images[:1])
+    embeds, visual = llava.embed(batch, llava.image_features(batch))
+    ws = engine.initial_working_set(embeds, visual, batch.attention_mask.bool())
+    for i, layer in enumerate(llava.layers):
+        ws, _ = engine.attend_and_drop(layer, i, ws, [round(SCHEDULE[i] * 64)])
+        if ws.size is not None:
+            assert float(ws.size[ws.visual].sum()) == pytest.approx(64.0)
+        ws.hidden = ws.hidden + layer.mlp(layer.post_attention_layernorm(ws.hidden))
+    assert ws.size is not None and float(ws.size[ws.visual].max()) > 1
+
+    pre = engine.prefill(batch)
+    token, pos = pre.logits.argmax(-1), pre.next_positions.clone()
+    generated = []
+    for _ in range(2):
+        generated.append(token)
+        logits = engine.decode_step(pre.caches, token, pos)
+        pos += 1
+        token = logits.argmax(-1)
+    ids = torch.cat([batch.input_ids, torch.stack(generated, 1)], dim=1)
+    longer = type(batch)(ids, torch.ones_like(ids), batch.pixel_values, batch.image_sizes)
+    assert (engine.prefill(longer).logits - logits).abs().max().item() <= 1e-4
+    # and merging changes the answer distribution against discarding the same tokens
+    plain = PrunedEngine(llava, _recipe(llava, "random")).prefill(batch).logits
+    assert (plain - pre.logits).abs().max().item() > 1e-4

@@ -224,3 +224,7 @@ def test_region_balanced_recipe_is_refused_before_anything_is_written(model_dir,
     with pytest.raises(RecipeError, match="prune.regions = 2.*Re-fit without --regions"):
         convert(model_dir, balanced, tmp_path / "out", ConvertOptions(progress=False))
     assert not (tmp_path / "out").exists()
+    merged = Recipe(model=recipe.model, prune=PruneSpec(scorer="fitprune", keep_after=SCHEDULE, merge=True))
+    with pytest.raises(RecipeError, match="prune.merge = true.*Re-fit without --merge"):
+        convert(model_dir, merged, tmp_path / "out", ConvertOptions(progress=False))
+    assert not (tmp_path / "out").exists()

@@ -101,6 +101,12 @@ def test_regions_and_ranking_go_into_the_recipe_and_leave_the_schedule(tiny_llav
     assert (balanced.provenance["ranking"], balanced.provenance["regions"]) == ("random", 4)
     assert (plain.prune.scorer, plain.prune.regions) == ("fitprune", 1)
     assert balanced.prune.keep_after == plain.prune.keep_after  # the search is the same
+    merged = FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False, merge=True).fit()
+    assert merged.recipe.prune.merge and merged.recipe.provenance["merge"] is True
+    text = merged.recipe.provenance["text_tokens"]
+    cost = estimate(engine.adapter.shape, merged.recipe, text_tokens=text)
+    assert cost.flops_reduction == merged.predicted_reduction >= 0.3  # the merging FLOPs are in the budget
+    assert cost.pruned_breakdown["merge"] > 0
     with pytest.raises(RecipeError, match="prune.regions' is 9, more than the token grid's side"):
         FitPruneFitter(engine, calib, 0.3, batch_size=4, progress=False, regions=9)
     with pytest.raises(RecipeError, match="--ranking 'fastv'"):

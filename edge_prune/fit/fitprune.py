@@ -59,21 +59,22 @@ class FitPruneFitter:
 
     def __init__(self, engine: PrunedEngine, calibration: CalibrationSet, flops_reduction: float | None,
                  accounting: str = "exact", batch_size: int = 8, dist: Dist | None = None, progress: bool = True,
-                 first_layer: int = 0, regions: int = 1, ranking: str = "fitprune"):
+                 first_layer: int = 0, regions: int = 1, ranking: str = "fitprune", merge: bool = False):
         """`flops_reduction` may be None and set with `retarget` once `text_tokens` is known (device budgets).
 
         `first_layer` > 0 keeps every visual token through the layers before it (FastV's K). FitPrune
         itself may drop after layer 0, whose attention is mostly positional in small models: on the
         benchmark model its 60% schedule dropped 65% there and lost 39 points (see README).
 
-        `regions` and `ranking` shape how the recipe's drops pick tokens at inference, not the schedule:
-        regions > 1 ranks region by region (PruneSpec.regions) and ranking "random" ranks uniformly at
-        random instead of by FitPrune's attention score. Position and counting questions need every part
-        of the image; on the benchmark model both beat the reference ranking at the same schedule.
+        `regions`, `ranking` and `merge` shape what the recipe's drops do at inference, not the schedule
+        the search finds: regions > 1 ranks region by region (PruneSpec.regions), ranking "random" ranks
+        uniformly at random instead of by FitPrune's attention score, and merge folds each dropped token
+        into its most similar kept one (edge_prune.merging). Merging costs FLOPs, which the search counts,
+        so a merged recipe may keep slightly fewer tokens to meet the same budget.
         """
         if ranking not in RANKINGS:
             raise RecipeError(f"--ranking {ranking!r}; expected one of {', '.join(RANKINGS)}")
-        self.regions, self.ranking = regions, ranking
+        self.regions, self.ranking, self.merge = regions, ranking, merge
         self.target: float | None = None
         if flops_reduction is not None:
             self.retarget(flops_reduction)
@@ -149,7 +150,7 @@ class FitPruneFitter:
             keep[i] = min(keep[i], keep[i - 1])
         drops = any(k < 1.0 for k in keep)
         prune = PruneSpec(scorer=self.ranking if drops else "none", keep_after=keep, fitprune_combine="either",
-                          regions=self.regions if drops else 1)
+                          regions=self.regions if drops else 1, merge=self.merge and drops)
         recipe = Recipe(model=self.sig, prune=prune, budget=Budget(flops_reduction=self.target, accounting=self.accounting))
         recipe.validate("fitprune")
         return recipe
@@ -233,6 +234,7 @@ class FitPruneFitter:
             "first_layer": self.first_layer,
             "ranking": self.ranking,
             "regions": self.regions,
+            "merge": self.merge,
             "calibration": self.calibration.source,
             "calibration_samples": self.n_samples,
             "world_size": self.dist.world_size,
