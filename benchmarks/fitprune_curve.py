@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"({best_discard['accuracy']:.2%})")
     shown = {best["name"], best_fitprune["name"], best_discard["name"], variant_name(0.6, "random", 1)}
     for entry in candidates:
+        save_recipe(entry.recipe, ROOT / "recipes", entry.name)
         if entry.name in shown:
-            save_recipe(entry.recipe, ROOT / "recipes", entry.name)
             same_flops.append(entry)
     rows60 = run_sweep(args.model, same_flops, n=args.n, engine=engine)
 
