@@ -134,11 +134,22 @@ class Bench:
             return result.recipe
         return fit
 
-    def fit_fitprune(self, reduction: float) -> Callable[[Path], Recipe]:
+    def fit_fitprune(self, reduction: float, regions: int = 1, merge: bool = False) -> Callable[[Path], Recipe]:
         def fit(path: Path) -> Recipe:
             data = load_calibration("bench:calib", 64)
-            result = FitPruneFitter(self.engine, data, reduction, batch_size=8).fit()
+            result = FitPruneFitter(self.engine, data, reduction, batch_size=8, regions=regions, merge=merge).fit()
             return Recipe.load(result.recipe.save(path))
+        return fit
+
+    @staticmethod
+    def drop_variant(base: Path, regions: int, merge: bool) -> Callable[[Path], Recipe]:
+        """The same modules and schedule with other drops (prune.regions / prune.merge): nothing retrains."""
+        def fit(path: Path) -> Recipe:
+            recipe = Recipe.load(base)
+            recipe.prune.regions, recipe.prune.merge = regions, merge
+            recipe.provenance = {**recipe.provenance, "variant_of": base.parent.name, "regions": regions,
+                                 "merge": merge}
+            return Recipe.load(recipe.save(path))
         return fit
 
     def fit_baseline(self, method: str, reduction: float) -> Callable[[Path], Recipe]:
@@ -158,6 +169,11 @@ class Bench:
         for method in ("fastv", "random", "pool"):
             self.evaluated(f"{method}-eq", self.fitted(f"{method}-eq", self.fit_baseline(method, target)))
         self.evaluated("fitprune-eq", self.fitted("fitprune-eq", self.fit_fitprune(target)))
+        # Merging (and region balance) on the guides' trained schedule, against issue 4's best FitPrune drops
+        for name, regions in (("guides-90-merge", 1), ("guides-90-r8-merge", 8)):
+            self.evaluated(name, self.fitted(name, self.drop_variant(guides, regions, merge=True)))
+        self.evaluated("fitprune-eq-r12-merge",
+                       self.fitted("fitprune-eq-r12-merge", self.fit_fitprune(target, regions=12, merge=True)))
         dyvte = self.fitted("dyvte", self.fit_router(None))
         self.evaluated("dyvte", dyvte)
         fitprune60 = self.fitted("fitprune-60", self.fit_fitprune(FITPRUNE_60))
@@ -171,7 +187,8 @@ class Bench:
 
 # ---- report -------------------------------------------------------------------------------------------
 EXIT_PLOTS = {"dyvte": "guides_exits_exit_layers.png", "dyvte-agree": "guides_exits_exit_layers_agree.png"}
-ORDER = ["unpruned", "guides-90", "fitprune-eq", "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
+ORDER = ["unpruned", "guides-90", "guides-90-merge", "guides-90-r8-merge", "fitprune-eq", "fitprune-eq-r12-merge",
+         "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
          "fitprune-60+dyvte", "guides-90+dyvte", "dyvte-agree", "fitprune-60+dyvte-agree", "guides-90+dyvte-agree"]
 
 
@@ -243,20 +260,22 @@ def _exit_keys(row: dict[str, Any]) -> list[str]:
 
 def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]:
     out: list[tuple[str, bool | None]] = []
-    base, g = rows.get("unpruned"), rows.get("guides-90")
-    if base and g:
+    base = rows.get("unpruned")
+    for guide in ("guides-90", "guides-90-merge", "guides-90-r8-merge"):
+        g = rows.get(guide)
+        if not (base and g):
+            out.append((f"{guide} vs unpruned and baselines", None))
+            continue
         drop = (base["accuracy"] - g["accuracy"]) * 100
-        out.append((f"guides-90 accuracy drop {drop:.2f} pt (<= 1 pt) at {g['flops_reduction']:.1%} fewer FLOPs",
+        out.append((f"{guide} accuracy drop {drop:.2f} pt (<= 1 pt) at {g['flops_reduction']:.1%} fewer FLOPs",
                     drop <= 1.0))
-        for other in ("fitprune-eq", "fastv-eq", "random-eq", "pool-eq"):
+        for other in ("fitprune-eq", "fitprune-eq-r12-merge", "fastv-eq", "random-eq", "pool-eq"):
             o = rows.get(other)
             if o:
-                out.append((f"guides-90 {g['accuracy']:.2%} vs {other} {o['accuracy']:.2%} "
+                out.append((f"{guide} {g['accuracy']:.2%} vs {other} {o['accuracy']:.2%} "
                             f"({o['flops_reduction']:.1%} fewer FLOPs); position {g['per_family']['position']:.1%} vs "
                             f"{o['per_family']['position']:.1%}",
                             g["accuracy"] > o["accuracy"] and g["per_family"]["position"] >= o["per_family"]["position"]))
-    else:
-        out.append(("guides-90 vs unpruned and baselines", None))
     for name in ("dyvte", "dyvte-agree"):
         d = rows.get(name)
         if base and d:
