@@ -183,13 +183,26 @@ class Bench:
         for name, base in (("dyvte-agree", None), ("fitprune-60+dyvte-agree", fitprune60),
                            ("guides-90+dyvte-agree", guides)):
             self.evaluated(name, self.fitted(name, self.fit_router(base, labels="agreement")))
+        # Exits on top of the merged drops (issue 4's chosen FitPrune variant, and the merged guides)
+        merged60 = self.fitted("fitprune-60-r12-merge", self.reuse_or(self.fit_fitprune(FITPRUNE_60, 12, True)))
+        self.evaluated("fitprune-60-r12-merge", merged60)
+        merged_guides = RECIPES / "guides-90-r8-merge" / "recipe.json"
+        for name, base in (("fitprune-60-r12-merge+dyvte-agree", merged60),
+                           ("guides-90-r8-merge+dyvte-agree", merged_guides)):
+            self.evaluated(name, self.fitted(name, self.fit_router(base, labels="agreement")))
+
+    @staticmethod
+    def reuse_or(fit: Callable[[Path], Recipe]) -> Callable[[Path], Recipe]:
+        """The recipe already at the path (another benchmark fitted it: one recipe per row name), else fit."""
+        return lambda path: Recipe.load(path) if path.is_file() else fit(path)
 
 
 # ---- report -------------------------------------------------------------------------------------------
 EXIT_PLOTS = {"dyvte": "guides_exits_exit_layers.png", "dyvte-agree": "guides_exits_exit_layers_agree.png"}
 ORDER = ["unpruned", "guides-90", "guides-90-merge", "guides-90-r8-merge", "fitprune-eq", "fitprune-eq-r12-merge",
          "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
-         "fitprune-60+dyvte", "guides-90+dyvte", "dyvte-agree", "fitprune-60+dyvte-agree", "guides-90+dyvte-agree"]
+         "fitprune-60+dyvte", "guides-90+dyvte", "dyvte-agree", "fitprune-60+dyvte-agree", "guides-90+dyvte-agree",
+         "fitprune-60-r12-merge", "fitprune-60-r12-merge+dyvte-agree", "guides-90-r8-merge+dyvte-agree"]
 
 
 def training_seconds(name: str) -> float | None:
