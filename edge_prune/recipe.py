@@ -364,6 +364,11 @@ class Recipe:
                               "(1 ranks the whole image at once)")
         if regions == 1:
             return
+        if self.model.architecture != "LlavaForConditionalGeneration":
+            raise RecipeError(
+                f"{source}: field 'prune.regions' is {regions}, but {self.model.architecture} lays an image out in "
+                "tiles of varying count, not one fixed token grid; use regions 1"
+            )
         side = math.isqrt(self.model.num_visual_tokens)
         if side * side != self.model.num_visual_tokens:
             raise RecipeError(

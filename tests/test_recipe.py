@@ -52,6 +52,8 @@ def test_identity_recipe_keeps_everything():
         (lambda d: d["prune"].update(fitprune_combine="sum"), "prune.fitprune_combine' is 'sum', expected one of product, either"),
         (lambda d: d["prune"].update(regions=0), "prune.regions' is 0, expected a positive integer"),
         (lambda d: d["prune"].update(merge="yes"), "prune.merge' is 'yes', expected true or false"),
+        (lambda d: d["model"].update(architecture="LlavaNextForConditionalGeneration") or d["prune"].update(regions=2),
+         "tiles of varying count"),
         (lambda d: d["prune"].update(scorer="pool", keep_input=0.5, keep_after=[0.5] * 4, merge=True),
          "prune.merge' is true, but scorer 'pool'"),
         (lambda d: d["prune"].update(regions=9), "prune.regions' is 9, more than the token grid's side \\(8\\)"),
