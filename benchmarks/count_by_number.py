@@ -56,7 +56,8 @@ def main() -> None:
         right, asked = count_accuracy(model_dir, args.n, args.recipe)
         overall = sum(right.values()) / sum(asked.values())
         cells = " | ".join(f"{right[k] / asked[k]:.1%} ({asked[k]})" if asked[k] else "-" for k in numbers)
-        print(f"| {model_dir} | {overall:.1%} | {cells} |")
+        label = f"{model_dir} + {args.recipe}" if args.recipe else str(model_dir)
+        print(f"| {label} | {overall:.1%} | {cells} |")
 
 
 if __name__ == "__main__":
