@@ -3,8 +3,9 @@ random / pool / FastV at the same FLOPs, fit time, and predicted-FLOPs == `edge-
 
 Also: what the fitted schedule's drops should do (rank by FitPrune's score or at random, over the
 whole image or region by region, discard or merge the dropped tokens: `--ranking`, `--regions`,
-`--merge`), chosen on the calibration split and reported on the test split; and how many decoder layers must see the image (all visual tokens dropped after
-layer K), which bounds what any schedule can save on this model.
+`--merge`), chosen on the calibration split and reported on the test split; and how many decoder
+layers must see the image (all visual tokens dropped after layer K), which bounds what any schedule
+can save on this model.
 
     .venv/bin/python benchmarks/fitprune_curve.py [--n 2100] [--n-curve 700]
 
@@ -207,12 +208,12 @@ def plot(base, curve, baselines, path: Path) -> None:
     table = ROOT / "results" / "baselines.json"
     if table.is_file():
         baseline_rows = [r for r in json.loads(table.read_text()) if "-" in r["name"] and r["name"] != "mean-visual"]
+    variants: dict[str, list] = {}  # "fitprune-60-random-r8" -> "random-r8"
+    for r in curve:
+        variants.setdefault(r["name"].split("-", 2)[2] if r["name"].count("-") > 1 else "", []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], None, "overall"), (axes[1], "position", "position family")):
         get = (lambda r: r["accuracy"]) if key is None else (lambda r: r["per_family"][key])
-        variants: dict[str, list] = {}  # "fitprune-60-random-r8" -> "random-r8"
-        for r in curve:
-            variants.setdefault(r["name"].split("-", 2)[2] if r["name"].count("-") > 1 else "", []).append(r)
         for variant, pts in variants.items():
             label = f"FitPrune schedule, {variant} (chosen ranking)" if variant else "FitPrune"
             ax.plot([r["flops_reduction"] * 100 for r in pts], [get(r) * 100 for r in pts], "o-", label=label)

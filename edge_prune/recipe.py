@@ -331,9 +331,8 @@ class Recipe:
         self._validate_regions(source)
         if not isinstance(p.merge, bool):
             raise RecipeError(f"{source}: field 'prune.merge' is {p.merge!r}, expected true or false")
-        if p.merge and p.scorer in ("none", "pool"):
-            raise RecipeError(f"{source}: field 'prune.merge' is true, but scorer {p.scorer!r} does not drop tokens "
-                              "inside the decoder; merging applies to fitprune, fastv, random and guide")
+        if p.merge:
+            self._check_ranking_scorer("prune.merge", "true", source)
         if p.keep_input < 1.0 and p.scorer != "pool":
             raise RecipeError(
                 f"{source}: field 'prune.keep_input' is {p.keep_input} but only the 'pool' scorer "
@@ -378,9 +377,13 @@ class Recipe:
         if regions > side:
             raise RecipeError(f"{source}: field 'prune.regions' is {regions}, more than the token grid's side "
                               f"({side}); expected 1..{side}")
+        self._check_ranking_scorer("prune.regions", regions, source)
+
+    def _check_ranking_scorer(self, field_name: str, value: Any, source: str) -> None:
+        """regions and merge shape drops inside the decoder, which only a ranking scorer makes."""
         if self.prune.scorer in ("none", "pool"):
-            raise RecipeError(f"{source}: field 'prune.regions' is {regions}, but scorer {self.prune.scorer!r} "
-                              "does not rank tokens; regions apply to fitprune, fastv, random and guide")
+            raise RecipeError(f"{source}: field '{field_name}' is {value}, but scorer {self.prune.scorer!r} does not "
+                              "rank tokens inside the decoder; it applies to fitprune, fastv, random and guide")
 
     def _validate_guides(self, source: str) -> None:
         p, g = self.prune, self.prune.guides

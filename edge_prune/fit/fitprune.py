@@ -89,7 +89,7 @@ class FitPruneFitter:
         self.progress = progress and self.dist.rank == 0
         self.shape = self.adapter.shape
         self.sig = self.adapter.signature()
-        self._recipe([0.5] * len(self.adapter.layers))  # a bad --regions fails now, not after the statistics
+        self._recipe([0.5] * len(self.adapter.layers)).validate("fitprune")  # a bad --regions fails now
         # Micro-batches are fixed by sample index and dealt round-robin to ranks, so every
         # sample is computed in the same company whatever the world size: same recipe on 1 or N.
         samples = calibration.samples
@@ -151,9 +151,7 @@ class FitPruneFitter:
         drops = any(k < 1.0 for k in keep)
         prune = PruneSpec(scorer=self.ranking if drops else "none", keep_after=keep, fitprune_combine="either",
                           regions=self.regions if drops else 1, merge=self.merge and drops)
-        recipe = Recipe(model=self.sig, prune=prune, budget=Budget(flops_reduction=self.target, accounting=self.accounting))
-        recipe.validate("fitprune")
-        return recipe
+        return Recipe(model=self.sig, prune=prune, budget=Budget(flops_reduction=self.target, accounting=self.accounting))
 
     def predicted_reduction(self, fractions: list[float]) -> float:
         return estimate(self.shape, self._recipe(fractions), accounting=self.accounting,
