@@ -70,6 +70,13 @@ class WorkingSet:
     image_start: torch.Tensor | None = None  # [B] position of the image's first token (region-balanced drops)
     size: torch.Tensor | None = None  # [B, T] tokens each entry stands for once merged (None: one each)
 
+    def grid_index(self) -> torch.Tensor | None:
+        """[B, T] each visual token's patch number on its image's grid (-1 for other tokens), or None
+        for a working set built without the image layout."""
+        if self.image_start is None:
+            return None
+        return torch.where(self.visual, self.positions - self.image_start[:, None], -1)
+
     def key_bias(self) -> torch.Tensor | None:
         """Per-key attention bias of merged tokens (log size, ToMe's proportional attention), or None."""
         return None if self.size is None else self.size.clamp(min=1).log()
@@ -139,6 +146,9 @@ class PrunedEngine:
         self.exit_layers = set(e.layers) if e is not None else set()
         # Optional f(features, visual_counts_per_request) -> features, for ablations.
         self.feature_hook: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
+        # Optional f(context, scores) -> scores that re-ranks a drop's visual tokens (oracle studies:
+        # benchmarks/drop_ceiling.py); the recipe's schedule, regions and merging still apply.
+        self.score_hook: Callable[[ScoreContext, torch.Tensor], torch.Tensor] | None = None
         self.skip = set(recipe.skip_attention)
         for i, (before, after) in enumerate(zip([recipe.prune.keep_input, *recipe.prune.keep_after],
                                                  recipe.prune.keep_after)):
@@ -399,20 +409,21 @@ class PrunedEngine:
 
     def _drop(self, ws: WorkingSet, layer: int, attn_ctx, targets: list[int]) -> WorkingSet:
         scorer = self.recipe.prune.scorer
-        if scorer == "guide":
-            assert self.guides is not None
-            scores = self.guides.scores(layer, ws.hidden, ws.visual, ws.text_after & ws.valid)
-            keep_visual = select_visual(scores, ws.visual, targets, self._regions(ws))
-            return self._keep(ws, keep_visual)
-        if scorer not in SCORERS:
-            raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside the decoder")
         if attn_ctx is None:
             q = k = ws.hidden.new_zeros(ws.hidden.shape[0], 1, ws.hidden.shape[1], 1)
             scaling, components = 1.0, None
         else:
             q, k, scaling, components = attn_ctx
         ctx = self.score_context(ws, layer, q, k, scaling)
-        scores = fitprune_combine(ctx, *components) if components else SCORERS[scorer](ctx)
+        if scorer == "guide":
+            assert self.guides is not None
+            scores = self.guides.scores(layer, ws.hidden, ws.visual, ws.text_after & ws.valid)
+        elif scorer not in SCORERS:
+            raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside the decoder")
+        else:
+            scores = fitprune_combine(ctx, *components) if components else SCORERS[scorer](ctx)
+        if self.score_hook is not None:
+            scores = self.score_hook(ctx, scores)
         keep_visual = select_visual(scores, ws.visual, targets, self._regions(ws))
         return self._keep(ws, keep_visual)
 
@@ -428,10 +439,10 @@ class PrunedEngine:
         regions = self.recipe.prune.regions
         if regions <= 1:
             return None
-        if ws.image_start is None:
+        grid_index = ws.grid_index()
+        if grid_index is None:
             raise RecipeError("prune.regions needs the image's grid layout; build the working set with "
                               "initial_working_set")
-        grid_index = torch.where(ws.visual, ws.positions - ws.image_start[:, None], -1)
         return grid_regions(grid_index, self.recipe.model.num_visual_tokens, regions)
 
     def score_context(self, ws: WorkingSet, layer: int, q: torch.Tensor, k: torch.Tensor,
@@ -439,7 +450,7 @@ class PrunedEngine:
         return ScoreContext(layer=layer, query=q, key=k, scaling=scaling, valid=ws.valid, visual=ws.visual,
                             text_after=ws.text_after, positions=ws.positions, seed=self.recipe.prune.seed,
                             chunk=self.score_chunk, fitprune_combine=self.recipe.prune.fitprune_combine,
-                            key_bias=ws.key_bias())
+                            key_bias=ws.key_bias(), grid_index=ws.grid_index())
 
     def _trim(self, tokens: torch.Tensor) -> list[list[int]]:
         """Cut each row after its first end-of-sequence token (which is kept)."""

@@ -172,3 +172,22 @@ def test_merging_keeps_every_dropped_token_counted_and_decode_attends_as_prefill
     # and merging changes the answer distribution against discarding the same tokens
     plain = PrunedEngine(llava, _recipe(llava, "random")).prefill(batch).logits
     assert (plain - pre.logits).abs().max().item() > 1e-4
+
+
+def test_a_score_hook_reranks_the_drops_under_the_recipes_schedule(llava, images):
+    """benchmarks/drop_ceiling.py ranks by the scene's labels through `score_hook`: the hook sees the
+    tokens' grid indices and its scores decide which tokens stay, at the recipe's counts."""
+    engine = PrunedEngine(llava, _recipe(llava, "fitprune", keep=[0.25] * 4))
+    seen_grid = []
+
+    def last_rows_first(ctx, scores):
+        seen_grid.append(ctx.grid_index[ctx.visual].tolist())
+        return torch.where(ctx.visual, ctx.grid_index.float(), scores)
+
+    engine.score_hook = last_rows_first
+    batch = llava.prepare(PROMPTS[:1], images[:1])
+    embeds, visual = llava.embed(batch, llava.image_features(batch))
+    ws = engine.initial_working_set(embeds, visual, batch.attention_mask.bool())
+    ws, _ = engine.attend_and_drop(llava.layers[0], 0, ws, [16])
+    assert seen_grid == [list(range(64))]
+    assert ws.grid_index()[ws.visual].tolist() == list(range(48, 64))
