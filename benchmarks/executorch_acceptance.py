@@ -8,8 +8,8 @@ benchmarks/results/executorch.{json,md}.
 3. peak RSS (one subprocess per artifact, so artifacts do not share a process) and artifact size.
 
 Recipes: keep-all, fitprune-60 (benchmarks/recipes/fitprune-60, fitted by issue 5's script; when it is
-missing, FastV at the same 60% exact-FLOPs budget instead), guides-90, dyvte and dyvte-agree when their
-recipes exist. An exit router's cost differs request by request, so the speed stage also reports the
+missing, FastV at the same 60% exact-FLOPs budget instead), guides-90, dyvte, dyvte-agree and the
+region-balanced, merged fitprune-60-r12-merge and guides-90-r8-merge when their recipes exist. An exit router's cost differs request by request, so the speed stage also reports the
 mean over items of each item's median prefill (`--speed-items` items, one family after another).
 Finished stages are kept in the JSON, so an interrupted run continues.
 
@@ -85,7 +85,8 @@ def recipes(model: Path, work: Path) -> dict[str, Path]:
         if not fastv.is_file():
             baseline_recipe(load_shape(model), "fastv", 0.6, text_tokens=24).save(fastv)
         out["fastv-60"] = fastv
-    for name in ("guides-90", "dyvte", "fitprune-60+dyvte", "dyvte-agree"):
+    for name in ("guides-90", "dyvte", "fitprune-60+dyvte", "dyvte-agree", "fitprune-60-r12-merge",
+                 "guides-90-r8-merge"):
         path = RECIPES / name / "recipe.json"
         if path.is_file():
             out[name] = path

@@ -14,17 +14,22 @@ per layer (the recipe's round(keep_after[i] * N)); only the text length T is dyn
 (a key is visible when its original position is not later than the query's), so dropping visual
 rows never renumbers anything: kept tokens keep their positions. After layer i's attention the
 recipe's scorer ranks the visual tokens from that attention's own probabilities and a stable
-rank (ties to the earlier token, exactly as edge_prune.scoring.select_visual) keeps the best.
+rank (ties to the earlier token, exactly as edge_prune.scoring.select_visual) keeps the best;
+region-balanced recipes rank round robin over the image grid's regions, and merging recipes fold
+each dropped token into its most similar kept one (edge_prune.merging), carrying the tokens' sizes.
 
 KV cache: one mutable buffer pair per decoder layer, shared by prefill and decode
 (`share_mutable_buffers`). Layer i's buffer is [1, kv_heads, seen_i + text_capacity, head_dim]:
 slots [0, seen_i) hold the visual tokens its attention saw, then the text tokens, prompt and
 generated, so its length reflects the pruning (a layer after a 90% drop holds 10% of the image).
+A merging program also keeps, per layer, the log size of each visual key ([1, seen_i]), which the
+prefill writes and decode adds to its attention logits, as the engine's LayerCache.bias.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import warnings
@@ -115,7 +120,7 @@ class KVCache(nn.Module):
     """Per-layer key/value buffers; layer i holds seen[i] visual slots, then text slots."""
 
     def __init__(self, seen: list[int], text_capacity: int, skip: set[int], kv_heads: int, head_dim: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, merge: bool = False):
         super().__init__()
         for i, n in enumerate(seen):
             if i in skip:
@@ -123,9 +128,14 @@ class KVCache(nn.Module):
             shape = (1, kv_heads, n + text_capacity, head_dim)
             self.register_buffer(f"k_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
             self.register_buffer(f"v_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+            if merge:  # log size of each visual key (merged tokens weigh as the tokens they stand for)
+                self.register_buffer(f"b_{i}", torch.zeros(1, n, dtype=dtype), persistent=False)
 
     def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k_{i}"), getattr(self, f"v_{i}")
+
+    def key_bias(self, i: int) -> torch.Tensor:
+        return getattr(self, f"b_{i}")
 
 
 class DecoderParts(nn.Module):
@@ -146,6 +156,7 @@ class DecoderParts(nn.Module):
         self.scorer = recipe.prune.scorer
         self.fitprune_combine = recipe.prune.fitprune_combine
         self.seed = recipe.prune.seed
+        self.merge = spec.merge
         self.spec = spec
         self.skip = set(spec.skip_attention)
         first = self.layers[0].self_attn
@@ -161,8 +172,9 @@ class DecoderParts(nn.Module):
             self.register_buffer("rotate_half", rotation.T.contiguous(), persistent=False)
         else:  # a decoder family with another RoPE layout: its own helper, slices and all
             self.rotate_half = None
+        self.register_buffer("sum_weight", torch.ones(1, d, dtype=torch.float32), persistent=False)
         self.cache = KVCache(spec.seen, spec.text_capacity, self.skip, self.kv_heads, self.head_dim,
-                             adapter.embed_tokens.weight.dtype)
+                             adapter.embed_tokens.weight.dtype, spec.merge)
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [1, n, 1, hd] for `positions` [1, n]: computed once per prefill, again after a drop."""
@@ -288,6 +300,31 @@ class DecoderParts(nn.Module):
         """Additive mask [G*Q, K] for the grouped rows from `allowed` [Q, K] (row g*Q + j is query j)."""
         return ((~allowed).to(dtype) * torch.finfo(dtype).min).repeat(self.heads // self.kv_heads, 1)
 
+    def key_bias(self, size_vis: torch.Tensor, t: int | torch.SymInt, dtype: torch.dtype) -> torch.Tensor:
+        """[n_vis + t] additive logit bias per key of the working set: log size of the visual keys
+        (ToMe's proportional attention, as WorkingSet.key_bias), 0 for text."""
+        return torch.cat([size_vis[0].clamp(min=1).log(), torch.zeros(t, dtype=size_vis.dtype)]).to(dtype)
+
+    def merge_into_kept(self, x_vis: torch.Tensor, size_vis: torch.Tensor, kept: torch.Tensor,
+                        dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """edge_prune.merging.merge_into_kept for one request at static counts: (states [1, c, d], sizes
+        [1, c]) of the kept tokens `kept` after each `dropped` token joined its most similar one.
+
+        The group sums are a one-hot matmul rather than index_add: a batched matmul the delegate runs."""
+        xk, xd = x_vis.index_select(1, kept).float(), x_vis.index_select(1, dropped).float()
+        sk, sd = size_vis.index_select(1, kept), size_vis.index_select(1, dropped)
+        similarity = torch.bmm(self.unit(xd), self.unit(xk).transpose(1, 2))  # [1, m, c] cosines
+        target = similarity.argmax(-1)  # [1, m], ties to the earlier kept token, as the engine's argmax
+        onehot = (target[..., None] == torch.arange(kept.shape[0])).float()  # [1, m, c]
+        total = sk + torch.bmm(sd[:, None], onehot)[:, 0]
+        summed = xk * sk[..., None] + torch.bmm(onehot.transpose(1, 2), xd * sd[..., None])
+        return (summed / total[..., None]).to(x_vis.dtype), total
+
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        """F.normalize(x, dim=-1) (float32), the sum of squares as a linear the delegate takes."""
+        sum_sq = torch.nn.functional.linear(x * x, self.sum_weight)
+        return x / sum_sq.sqrt().clamp(min=1e-12)
+
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.rms_norm(self.norm, last_hidden)).float()
 
@@ -297,6 +334,7 @@ class Prefill(nn.Module):
 
     mode "image": first segment takes (text_embeds, visual_embeds, image_start), later ones
     (x_text, x_vis, pos_vis, image_start); the last returns (logits,), others (x_text, x_vis, pos_vis).
+    A merging program hands the visual tokens' sizes on too: (x_text, x_vis, pos_vis, size_vis).
     A segment that ends right after an exit-candidate layer also returns the router's exit probability.
     mode "exited": the rest of the decoder after a request exited: (x_text, image_start) -> (logits,),
     no visual tokens, text positions as in the image prompt. mode "text": a prompt without an image.
@@ -321,11 +359,16 @@ class Prefill(nn.Module):
             x_text, visual, image_start = args
             x_vis = self._pool(visual)
             pos_vis = (image_start + torch.arange(n_in))[None]
+            size_vis = torch.ones(1, n_in)
+        elif p.merge:
+            x_text, x_vis, pos_vis, size_vis, image_start = args
         else:
             x_text, x_vis, pos_vis, image_start = args
         if self.mode != "image":
             x_vis = x_text[:, :0]
             pos_vis = torch.zeros(1, 0, dtype=torch.long)
+        if self.mode != "image" or not p.merge:
+            size_vis = torch.ones(1, x_vis.shape[1])
         t = x_text.shape[1]
         idx_text = torch.arange(t)
         after = idx_text >= image_start  # text tokens after the image (FitPrune's cross rows, guides' keys)
@@ -335,6 +378,7 @@ class Prefill(nn.Module):
         x = torch.cat([x_vis, x_text], dim=1)
         pos = torch.cat([pos_vis, pos_text], dim=1)
         bias = rope = None  # the causal mask and RoPE tables: the same until tokens are dropped
+        key_bias: torch.Tensor | float = 0.0  # merged keys' log sizes (merging programs)
         for i in range(self.start, self.end):
             n_vis = x.shape[1] - t
             layer = p.layers[i]
@@ -342,21 +386,30 @@ class Prefill(nn.Module):
             target = spec.kept[i] if self.mode == "image" else 0
             if i not in p.skip:
                 if bias is None:
-                    bias, rope = p.causal_bias(pos[0], x.dtype, p.heads // p.kv_heads), p.rope(x, pos)
+                    key_bias = p.key_bias(size_vis, t, x.dtype)[None] if p.merge and n_vis else 0.0
+                    bias, rope = p.causal_bias(pos[0], x.dtype, p.heads // p.kv_heads) + key_bias, p.rope(x, pos)
                 q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, x), rope)
-                self._write_cache(i, k, v, n_vis)
+                self._write_cache(i, k, v, n_vis, size_vis)
                 if target < n_vis and p.scorer == "fitprune":
                     # FitPrune reduces each head's probabilities (see head_probs): attend with those
                     # too, rather than computing the layer's attention a second time, grouped
-                    probs = p.head_probs(q, k, p.causal_bias(pos[0], x.dtype, 1))
+                    probs = p.head_probs(q, k, p.causal_bias(pos[0], x.dtype, 1) + key_bias)
                     x = x + layer.self_attn.o_proj(p.attend_heads(probs, v))
                 else:
                     probs = p.attention_probs(q, k, bias)
                     x = x + layer.self_attn.o_proj(p.attend(probs, v))
             if target < n_vis:
-                keep = self._select(self._scores(i, probs, x, pos, n_vis, after), target)
-                x = torch.cat([x[:, :n_vis].index_select(1, keep), x[:, n_vis:]], dim=1)
-                pos = torch.cat([pos[:, :n_vis].index_select(1, keep), pos[:, n_vis:]], dim=1)
+                scores = self._scores(i, probs, x, pos, n_vis, after)
+                keep = self._keep_mask(scores, target, self._regions(pos[0, :n_vis], image_start))
+                kept = self._indices(keep, target)
+                x_vis = x[:, :n_vis].index_select(1, kept)
+                if p.merge and target > 0:
+                    x_vis, size_vis = p.merge_into_kept(x[:, :n_vis], size_vis, kept,
+                                                        self._indices(1 - keep, n_vis - target))
+                else:
+                    size_vis = size_vis.index_select(1, kept)
+                x = torch.cat([x_vis, x[:, n_vis:]], dim=1)
+                pos = torch.cat([pos[:, :n_vis].index_select(1, kept), pos[:, n_vis:]], dim=1)
                 bias = rope = None
             x = x + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x))
         n_vis = x.shape[1] - t
@@ -366,7 +419,8 @@ class Prefill(nn.Module):
         if last:
             # The prompt's last token is the last text token (the runtime rejects prompts ending in the image)
             return (p.logits(x[:, -1]), *extra)
-        return (x[:, n_vis:], x[:, :n_vis], pos[:, :n_vis], *extra)
+        sizes = (size_vis,) if p.merge else ()
+        return (x[:, n_vis:], x[:, :n_vis], pos[:, :n_vis], *sizes, *extra)
 
     def _exit_probability(self, layer: int, x_text: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """The router's p(exit) at this layer's output, from the text states (DyVTE's features), shape [1]."""
@@ -384,8 +438,9 @@ class Prefill(nn.Module):
             return visual
         return pool_visual(visual[0], n_in)[None]
 
-    def _write_cache(self, i: int, k: torch.Tensor, v: torch.Tensor, n_vis: int) -> None:
+    def _write_cache(self, i: int, k: torch.Tensor, v: torch.Tensor, n_vis: int, size_vis: torch.Tensor) -> None:
         """Visual keys go to slots [0, n_vis) (n_vis == seen[i]), text keys to seen[i] + j: one slice.
+        A merging program also records the visual keys' log sizes for decode.
 
         A slice assignment lowers to `slice_scatter`, a row copy; the same write through an index
         tensor was the portable `index_put`, element by element: 26 of the keep-all prefill's 61 ms."""
@@ -393,6 +448,17 @@ class Prefill(nn.Module):
         start = self.parts.spec.seen[i] - n_vis  # static: 0 with the image, seen[i] for text-only segments
         kc[:, :, start:start + k.shape[2]] = k
         vc[:, :, start:start + v.shape[2]] = v
+        if self.parts.merge and n_vis:
+            self.parts.cache.key_bias(i)[:, :n_vis] = size_vis.clamp(min=1).log().to(kc.dtype)
+
+    def _regions(self, pos_vis: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor | None:
+        """Region id (float) of each visual token for a region-balanced program, as scoring.grid_regions."""
+        regions = self.parts.spec.regions
+        if regions <= 1:
+            return None
+        side = math.isqrt(self.parts.spec.num_visual_tokens)
+        g = pos_vis - image_start
+        return ((g // side) * regions // side * regions + (g % side) * regions // side).float()
 
     def _scores(self, i: int, probs: torch.Tensor | None, x: torch.Tensor, pos: torch.Tensor, n_vis: int,
                 after: torch.Tensor) -> torch.Tensor:
@@ -436,8 +502,10 @@ class Prefill(nn.Module):
         raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside an exported decoder")
 
     @staticmethod
-    def _select(scores: torch.Tensor, count: int) -> torch.Tensor:
-        """Indices (ascending) of the `count` best tokens; ties go to the earlier token (a stable sort).
+    def _keep_mask(scores: torch.Tensor, count: int, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """[n] 1.0 for the `count` best tokens, else 0.0; ties go to the earlier token (a stable sort).
+        With `regions` (region id per token) the ranking goes round robin over the regions, as
+        scoring.select_visual: every region's best, then every region's second best, ...
 
         topk finds the count-th best score t (the runtime has no sort, and topk's order among equal
         scores is its own): every token above t is kept, and of those equal to t the earliest ones
@@ -448,15 +516,44 @@ class Prefill(nn.Module):
         """
         n = scores.shape[0]
         if count <= 0:
-            return torch.zeros(0, dtype=torch.long)
+            return torch.zeros(n)
         s = scores.float()
+        if regions is not None:
+            return Prefill._round_robin_mask(s, count, regions)
         t = torch.topk(s, count).values[count - 1]
         above = (s - t).clamp(0, 1).ceil()
         equal = 1 - (s - t).abs().clamp(0, 1).ceil()
         wanted = count - above.sum()  # how many of the tokens equal to t are kept
-        keep = above + equal * (wanted - torch.cumsum(equal, 0) + 1).clamp(0, 1)
-        # topk of (n - index) over the kept tokens lists them in their original order.
-        return torch.topk((n - torch.arange(n).float()) * keep, count).indices
+        return above + equal * (wanted - torch.cumsum(equal, 0) + 1).clamp(0, 1)
+
+    @staticmethod
+    def _round_robin_mask(s: torch.Tensor, count: int, regions: torch.Tensor) -> torch.Tensor:
+        """The round-robin order is by (rank within the region, rank in the image), both counted from one
+        [n, n] "ranks ahead" matrix (the sort scoring.select_visual uses is not in the runtime). The
+        combined key is an exact integer in float32 (below 2^24 for up to 4,096 tokens) and unique."""
+        n = s.shape[0]
+        d = s[None, :] - s[:, None]  # d[j, k] = s_k - s_j
+        idx = torch.arange(n)
+        earlier = (idx[None, :] < idx[:, None]).float()  # k before j: wins a tie
+        ahead = d.clamp(0, 1).ceil() + (1 - d.abs().clamp(0, 1).ceil()) * earlier
+        same = 1 - (regions[None, :] - regions[:, None]).abs().clamp(0, 1).ceil()
+        key = (ahead * same).sum(1) * (n + 1) + ahead.sum(1)  # smaller is better
+        t = torch.topk(-key, count).values[count - 1]
+        return (1 - key - t).clamp(0, 1)  # 1 where -key >= t: keys are integers
+
+    @staticmethod
+    def _indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+        """Indices (ascending) of the `count` tokens marked 1.0 in `mask`."""
+        n = mask.shape[0]
+        if count <= 0:
+            return torch.zeros(0, dtype=torch.long)
+        # topk of (n - index) over the marked tokens lists them in their original order.
+        return torch.topk((n - torch.arange(n).float()) * mask, count).indices
+
+    @staticmethod
+    def _select(scores: torch.Tensor, count: int, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices (ascending) of the tokens `_keep_mask` keeps."""
+        return Prefill._indices(Prefill._keep_mask(scores, count, regions), count)
 
 
 def _rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -512,7 +609,10 @@ class Decode(nn.Module):
                 cached = (idx < visual_len[i]) | ((idx >= seen) & (idx < slot))
                 allowed = torch.cat([cached, torch.ones(1, dtype=torch.bool)])[None, :]
                 keys, values = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
-                probs = p.attention_probs(q, keys, p.bias(allowed, q.dtype))
+                bias = p.bias(allowed, q.dtype)
+                if p.merge and seen:  # the visual keys' log sizes, as the prefill recorded them
+                    bias = bias + torch.cat([p.cache.key_bias(i)[0], torch.zeros(spec.text_capacity + 1, dtype=q.dtype)])[None]
+                probs = p.attention_probs(q, keys, bias)
                 kc[:, :, slot] = k
                 vc[:, :, slot] = v
                 h = h + layer.self_attn.o_proj(p.attend(probs, values))
@@ -555,17 +655,6 @@ def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> Program
             "LLaVA-NeXT's visual-token count depends on each image's size, but an ExecuTorch program needs "
             "static visual counts; convert a LLaVA (fixed grid) checkpoint, or use the GGUF converter"
         )
-    if recipe.prune.regions > 1:
-        raise RecipeError(
-            f"the recipe ranks tokens region by region (prune.regions = {recipe.prune.regions}); the ExecuTorch "
-            "converter ranks the whole image at once. Re-fit without --regions to convert to .pte, or run this "
-            "recipe with the GGUF converter (llama.cpp maps schedules to an input-level drop) or the engine"
-        )
-    if recipe.prune.merge:
-        raise RecipeError(
-            "the recipe merges dropped tokens into kept ones (prune.merge = true); the ExecuTorch converter "
-            "discards them. Re-fit without --merge to convert to .pte, or run this recipe with the engine"
-        )
     n = shape.num_visual_tokens
     kept = recipe.keep_counts(n)
     n_in = recipe.input_count(n)
@@ -596,6 +685,8 @@ def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> Program
         text_only_prefill=options.text_only_prefill,
         exit_layers=exit_layers,
         exit_threshold=recipe.exit.threshold if recipe.exit is not None else None,
+        regions=recipe.prune.regions,
+        merge=recipe.prune.merge,
     )
 
 
@@ -780,8 +871,9 @@ def _examples(spec: ProgramSpec, adapter: Any) -> dict[str, tuple[tuple[Any, ...
             dyn = ({1: text}, None, None)
         else:
             n = spec.kept[a - 1]
-            args = (text_embeds, torch.randn(1, n, d, dtype=dtype), torch.arange(n)[None] + 3, start)
-            dyn = ({1: text}, None, None, None)
+            sizes = (torch.ones(1, n),) if spec.merge else ()
+            args = (text_embeds, torch.randn(1, n, d, dtype=dtype), torch.arange(n)[None] + 3, *sizes, start)
+            dyn = ({1: text}, None, None, *(None,) * len(sizes), None)
         out[name] = (args, dyn)
     return out
 

@@ -67,6 +67,11 @@ class ProgramSpec:
     text_only_prefill: bool = True  # the program has prefill_text (prompts without an image)
     exit_layers: list[int] = field(default_factory=list)  # exit-router candidates (a segment ends after each)
     exit_threshold: float | None = None
+    # Region-balanced ranking over regions x regions cells of the image grid, and merging dropped tokens
+    # into kept ones (recipe prune.regions / prune.merge); merged programs hand the visual tokens' sizes
+    # from segment to segment and keep per-layer log sizes beside the KV cache.
+    regions: int = 1
+    merge: bool = False
 
     @property
     def text_capacity(self) -> int:

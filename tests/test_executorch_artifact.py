@@ -217,14 +217,19 @@ def test_writer_refuses_a_non_artifact_and_needs_overwrite_for_an_artifact(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "busy"]
 
 
-def test_region_balanced_recipe_is_refused_before_anything_is_written(model_dir, recipe, tmp_path):
-    from edge_prune.errors import RecipeError
-
-    balanced = Recipe(model=recipe.model, prune=PruneSpec(scorer="fitprune", keep_after=SCHEDULE, regions=2))
-    with pytest.raises(RecipeError, match="prune.regions = 2.*Re-fit without --regions"):
-        convert(model_dir, balanced, tmp_path / "out", ConvertOptions(progress=False))
-    assert not (tmp_path / "out").exists()
-    merged = Recipe(model=recipe.model, prune=PruneSpec(scorer="fitprune", keep_after=SCHEDULE, merge=True))
-    with pytest.raises(RecipeError, match="prune.merge = true.*Re-fit without --merge"):
-        convert(model_dir, merged, tmp_path / "out", ConvertOptions(progress=False))
-    assert not (tmp_path / "out").exists()
+def test_region_balanced_merged_recipe_runs_as_the_engine_does(model_dir, recipe, images, tmp_path):
+    """prune.regions and prune.merge lowered: the round-robin rank, the merge's one-hot sums and the
+    per-layer log sizes that decode adds (the tiny model's 8 x 8 grid in 4 x 4 regions)."""
+    merged = Recipe(model=recipe.model, prune=PruneSpec(scorer="fitprune", keep_after=SCHEDULE, regions=4,
+                                                       merge=True, fitprune_combine="either"))
+    out = tmp_path / "merged"
+    convert(model_dir, merged, out, ConvertOptions(max_prompt_tokens=96, max_new_tokens=8, progress=False))
+    program = read_manifest(out).extra["program"]
+    assert program["regions"] == 4 and program["merge"] is True
+    session, engine = load(out), PrunedEngine.load(model_dir, recipe=merged)
+    for prompt, image in zip(PROMPTS, images):
+        ours = session.generate(image, prompt, max_new_tokens=6)
+        ref = engine.generate(prompt, image, max_new_tokens=6)
+        assert ours.tokens == ref.tokens
+        np.testing.assert_allclose(ours.first_logits, ref.first_logits.numpy(), atol=1e-4)
+        assert ours.kept[0].per_layer == ref.kept[0].per_layer == [32, 16]

@@ -80,6 +80,24 @@ def test_in_graph_scorers_match_the_engine(adapter, images, scorer, keep, keep_i
     _check(PrunedEngine(adapter, recipe), images)
 
 
+@pytest.mark.parametrize("scorer, regions, merge", [
+    ("fitprune", 2, False),
+    ("fitprune", 4, True),
+    ("fitprune", 1, True),
+    ("fastv", 2, True),
+    ("random", 8, True),
+])
+def test_region_balanced_and_merged_drops_match_the_engine(adapter, images, scorer, regions, merge):
+    prune = PruneSpec(scorer=scorer, keep_after=[1.0, 0.5, 0.25, 0.1], fitprune_combine="either",
+                      regions=regions, merge=merge)
+    _check(PrunedEngine(adapter, Recipe(model=adapter.signature(), prune=prune)), images)
+
+
+def test_merged_segments_hand_on_the_sizes(adapter, images):
+    prune = PruneSpec(scorer="fitprune", keep_after=[0.6, 0.5, 0.25, 0.1], regions=4, merge=True)
+    _check(PrunedEngine(adapter, Recipe(model=adapter.signature(), prune=prune)), images, boundaries=[1, 3])
+
+
 def test_prefill_split_into_segments_matches(adapter, images):
     prune = PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.25, 0.1])
     recipe = Recipe(model=adapter.signature(), prune=prune)
@@ -152,3 +170,17 @@ def test_selection_matches_the_engines_stable_sort_with_many_ties():
         count = int(torch.randint(1, n + 1, (1,), generator=gen))
         keep = select_visual(scores[None], torch.ones(1, n, dtype=torch.bool), [count])[0]
         assert cx.Prefill._select(scores, count).tolist() == keep.nonzero()[:, 0].tolist(), (trial, scores, count)
+
+
+@pytest.mark.parametrize("regions", [2, 4, 8])
+def test_round_robin_selection_matches_the_engines_with_many_ties(regions):
+    from edge_prune.scoring import grid_regions, select_visual
+
+    gen = torch.Generator().manual_seed(regions)
+    region_ids = grid_regions(torch.arange(64)[None], 64, regions)
+    for trial in range(100):
+        scores = torch.randint(0, 4, (64,), generator=gen).float() / 3
+        count = int(torch.randint(1, 65, (1,), generator=gen))
+        keep = select_visual(scores[None], torch.ones(1, 64, dtype=torch.bool), [count], region_ids)[0]
+        got = cx.Prefill._select(scores, count, region_ids[0].float())
+        assert got.tolist() == keep.nonzero()[:, 0].tolist(), (trial, scores, count)
