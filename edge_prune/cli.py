@@ -349,13 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fitprune: first decoder layer after whose attention tokens may drop (1 = FastV's K=2); "
                         "0 = FitPrune as published")
     p.add_argument("--regions", type=int, default=1,
-                   help="fitprune: rank tokens within R x R regions of the image, round robin, so every region "
-                        "keeps its share (1 = one global ranking, as published)")
+                   help="fitprune, lvpruning: rank tokens within R x R regions of the image, round robin, so "
+                        "every region keeps its share (1 = one global ranking, as published)")
     p.add_argument("--ranking", choices=("fitprune", "random"), default="fitprune",
                    help="fitprune: how the schedule's drops rank tokens (FitPrune's attention score, or random)")
     p.add_argument("--merge", action="store_true",
-                   help="fitprune: merge each dropped token into its most similar kept one (proportional "
-                        "attention) instead of discarding it")
+                   help="fitprune, lvpruning: merge each dropped token into its most similar kept one "
+                        "(proportional attention) instead of discarding it; lvpruning trains with it")
     p.add_argument("--profile", help="fitprune: fit the smallest reduction that meets this device's budget "
                                      "(see `edge-prune profiles`), with --ttft-ms and/or --peak-rss-mb")
     p.add_argument("--ttft-ms", type=float, help="with --profile: time-to-first-token budget")

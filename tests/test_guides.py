@@ -237,11 +237,13 @@ def test_guide_parameters_stay_within_two_percent_of_the_decoder(engine):
     assert check_guide_budget(big, [4, 8, 16], 32) < 0.001 * decoder_parameters(big)
 
 
-def test_straight_through_forward_is_exactly_the_engine_drop(engine, tmp_path):
-    """Hard-mask training forward at the last prompt position == the engine's pruned prefill."""
+@pytest.mark.parametrize("regions, merge", [(1, False), (4, True)])
+def test_straight_through_forward_is_exactly_the_engine_drop(engine, tmp_path, regions, merge):
+    """Hard-mask training forward at the last prompt position == the engine's pruned prefill, also when
+    the drops go round robin over regions and merge into the kept tokens."""
     calib = load_calibration(str(write_calib(tmp_path, 4, answers=False)), 4)
-    fitter = GuideFitter(engine, calib, GuideConfig(parse_schedule(SCHEDULE, 4), micro_batch=4, batch_size=4),
-                         progress=False)
+    config = GuideConfig(parse_schedule(SCHEDULE, 4), micro_batch=4, batch_size=4, regions=regions, merge=merge)
+    fitter = GuideFitter(engine, calib, config, progress=False)
     guides = GuideSet(64, fitter.layers, fitter.rank)
     guides.reset_parameters(11)
     prep = fitter._prepare([0, 1, 2, 3])
@@ -253,6 +255,8 @@ def test_straight_through_forward_is_exactly_the_engine_drop(engine, tmp_path):
     batch = engine.adapter.prepare([s.prompt for s in calib.samples], [s.image for s in calib.samples])
     assert (student - pruned.prefill(batch).logits).abs().max().item() <= 1e-4
     assert torch.equal(student, straight_through)  # the soft part only changes gradients
+    fitter.sample_kl(guides, prep).sum().backward()
+    assert float(guides.wq.grad.abs().sum()) > 0  # the keep decisions still train the guides
 
 
 def test_training_lowers_the_pruned_models_loss(engine, calib):
@@ -307,6 +311,20 @@ def test_interrupted_training_resumes_to_the_same_guides(engine, calib, tmp_path
     # A different run (other seed) does not pick up this checkpoint.
     other = GuideConfig(parse_schedule(SCHEDULE, 4), steps=2, batch_size=8, micro_batch=4, seed=5)
     assert len(GuideFitter(engine, data, other, progress=False, work_dir=tmp_path).fit().history) == 2
+
+
+def test_cli_trains_guides_with_merged_region_drops(tiny_llava_dir, calib, tmp_path, capsys):
+    assert main(["fit", str(tiny_llava_dir), "--method", "lvpruning", "--schedule", SCHEDULE, "--calib", str(calib),
+                 "--n", "8", "--batch-size", "4", "--steps", "1", "--regions", "4", "--merge", "--json",
+                 "-o", str(tmp_path / "merged")]) == 0
+    recipe = Recipe.load(tmp_path / "merged" / "recipe.json")
+    assert recipe.prune.regions == 4 and recipe.prune.merge is True
+    assert recipe.provenance["regions"] == 4 and recipe.provenance["merge"] is True
+    capsys.readouterr()
+    code = main(["fit", str(tiny_llava_dir), "--method", "dyvte", "--merge", "--calib", str(calib), "--n", "8",
+                 "-o", str(tmp_path / "router")])
+    assert code == 2 and "dyvte keeps its --base-recipe's" in capsys.readouterr().err
+    assert not (tmp_path / "router").exists()
 
 
 def test_cli_and_two_ranks_train_the_same_guides(tiny_llava_dir, calib, tmp_path):

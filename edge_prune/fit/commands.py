@@ -51,7 +51,8 @@ def fit_learned(args: argparse.Namespace) -> int:
             calibration = load_calibration(args.calib, args.n, warn=dist.rank == 0)
             config = GuideConfig(schedule=schedule, rank=args.rank, steps=args.steps, batch_size=args.batch_size,
                                  micro_batch=min(args.micro_batch, args.batch_size), lr=args.lr or 3e-3,
-                                 seed=args.seed, attention_distill=args.attention_distill)
+                                 seed=args.seed, attention_distill=args.attention_distill,
+                                 regions=args.regions, merge=args.merge)
             fitter = GuideFitter(engine, calibration, config, dist=dist, progress=not args.json, work_dir=folder)
             result = fitter.fit()
             p = result.recipe.provenance
@@ -69,6 +70,9 @@ def fit_learned(args: argparse.Namespace) -> int:
 
             if args.schedule:
                 raise InputError("--schedule applies to --method lvpruning; give dyvte a --base-recipe instead")
+            if args.regions != 1 or args.merge:
+                raise InputError("--regions/--merge shape a schedule's drops; dyvte keeps its --base-recipe's "
+                                 "(fit that recipe with them)")
             base = Recipe.load(args.base_recipe) if args.base_recipe else None
             engine = PrunedEngine.load(args.model, recipe=base, device=device)
             calibration = load_calibration(args.calib, args.n, warn=dist.rank == 0)

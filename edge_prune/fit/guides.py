@@ -7,6 +7,10 @@ exactly the tokens the engine drops (hard top-k, masked out as keys), the backwa
 through a sigmoid of each score's distance to the top-k threshold. The loss is the KL divergence
 from the unpruned model's answer distribution (teacher forcing on the reference answer; the next
 token after the prompt when there is none). Top-k fixes the keep ratio, so no ratio term is needed.
+With `regions` and `merge` (recipe prune.regions / prune.merge) the training drops as the engine will:
+top-k round robin over the image's regions, each dropped token merged into its most similar kept one,
+and a merged key weighted by the tokens it stands for, so the guides learn which tokens to keep when
+the rest are merged rather than discarded.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tqdm import tqdm
 
 from edge_prune.cost import decoder_parameters, estimate
 from edge_prune.engine import PrunedEngine, WorkingSet
+from edge_prune.merging import merge_into_kept
 from edge_prune.errors import RecipeError
 from edge_prune.fit.calibration import CalibrationSet
 from edge_prune.fit.distributed import Dist
@@ -30,7 +35,7 @@ from edge_prune.fit.training import (ForcedBatch, TrainingInterrupted, checkpoin
                                      save_checkpoint, sum_gradients)
 from edge_prune.models.shapes import ModelShape
 from edge_prune.recipe import Budget, GuideSpec, PruneSpec, Recipe
-from edge_prune.scoring import GuideSet, guide_parameters, select_visual
+from edge_prune.scoring import GuideSet, grid_regions, guide_parameters, select_visual
 
 GUIDE_BUDGET = 0.02  # total guide parameters <= 2% of the decoder's
 MAX_DEFAULT_RANK = 32
@@ -108,6 +113,8 @@ class GuideConfig:
     # weight of the auxiliary attention-distillation term (0: KL only). Off by default: on the benchmark
     # model, whose attention ranks tokens worse than random (FastV), 0.5 gave 45.5% where KL alone gave 59.7%
     attention_distill: float = 0.0
+    regions: int = 1  # drops round robin over regions x regions cells of the image grid (prune.regions)
+    merge: bool = False  # dropped tokens merge into kept ones (prune.merge)
 
 
 @dataclass
@@ -172,7 +179,9 @@ class GuideFitter:
             raise RecipeError(f"--batch-size {config.batch_size} is not a multiple of the micro-batch "
                               f"{config.micro_batch}")
         self.recipe = Recipe(model=self.sig, prune=PruneSpec(scorer="guide", keep_after=self.keep_after,
-                                                              guides=GuideSpec(GUIDES_FILE, self.layers, self.rank)))
+                                                              guides=GuideSpec(GUIDES_FILE, self.layers, self.rank),
+                                                              regions=config.regions, merge=config.merge))
+        self.recipe.validate("the guides' recipe")
         self.start = self.layers[0]
         self.micro = micro_batches(len(calibration.samples), config.micro_batch)
         self.work_dir = Path(work_dir) if work_dir is not None else None
@@ -234,17 +243,23 @@ class GuideFitter:
         ws = fb.ws
         h = ws.hidden
         key_mask = ws.valid.float()
+        size = torch.ones_like(key_mask)  # tokens each position stands for (merging)
         present = ws.visual.clone()
+        regions = None
+        if self.config.regions > 1:
+            regions = grid_regions(ws.grid_index(), self.sig.num_visual_tokens, self.config.regions)
         for i in range(self.start, self.sig.num_layers):
             layer = self.adapter.layers[i]
-            h = h + masked_attention(engine, layer, h, ws, key_mask)
+            h = h + masked_attention(engine, layer, h, ws, key_mask * size)
             if i in self.layers:
                 targets = [c[i] for c in fb.counts]
                 if any(t < int(p) for t, p in zip(targets, present.sum(1).tolist())):
                     scores = guides.scores(i, h, present, ws.text_after)
                     if distill is not None:
                         distill.append(_listwise_ce(scores, prep.importance[i], present))
-                    hard = select_visual(scores.detach(), present, targets)
+                    hard = select_visual(scores.detach(), present, targets, regions)
+                    if self.config.merge:
+                        h, size = merge_into_kept(h, size, present, hard)
                     if hard_only:
                         factor = hard.float()
                     else:
@@ -369,6 +384,8 @@ class GuideFitter:
         recipe.provenance = {
             "method": "lvpruning",
             "schedule": ",".join(f"{k}@{layer}" for k, layer in self.config.schedule),
+            "regions": self.config.regions,
+            "merge": self.config.merge,
             "guide_parameters": self.n_params,
             "decoder_parameters": decoder_parameters(self.shape),
             "calibration": self.calibration.source,

@@ -112,7 +112,8 @@ def micro_batches(n: int, size: int) -> list[list[int]]:
 # ---- the masked, differentiable forward -------------------------------------------------------------
 def masked_attention(engine: PrunedEngine, layer: torch.nn.Module, hidden: torch.Tensor, ws: WorkingSet,
                      key_mask: torch.Tensor) -> torch.Tensor:
-    """Attention output of one layer where key j is weighted by key_mask[b, j] (0/1 forward, any backward).
+    """Attention output of one layer where key j is weighted by key_mask[b, j] (0/1 forward, any backward;
+    a merged key's weight is the number of tokens it stands for, ToMe's proportional attention).
 
     softmax(w) * m / sum(softmax(w) * m) equals softmax over the kept keys when m is 0/1, and
     passes gradients to m when m carries a straight-through estimate.
