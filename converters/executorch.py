@@ -400,7 +400,7 @@ class Prefill(nn.Module):
                     x = x + layer.self_attn.o_proj(p.attend(probs, v))
             if target < n_vis:
                 scores = self._scores(i, probs, x, pos, n_vis, after)
-                keep = self._keep_mask(scores, target, self._regions(pos[0, :n_vis], image_start))
+                keep = self._keep_visual(scores, target, pos[0, :n_vis], image_start)
                 kept = self._indices(keep, target)
                 x_vis = x[:, :n_vis].index_select(1, kept)
                 if p.merge and target > 0:
@@ -450,6 +450,16 @@ class Prefill(nn.Module):
         vc[:, :, start:start + v.shape[2]] = v
         if self.parts.merge and n_vis:
             self.parts.cache.key_bias(i)[:, :n_vis] = size_vis.clamp(min=1).log().to(kc.dtype)
+
+    def _keep_visual(self, scores: torch.Tensor, count: int, pos_vis: torch.Tensor,
+                     image_start: torch.Tensor) -> torch.Tensor:
+        """[n_vis] 1.0 for the visual tokens the recipe keeps, 0.0 for the rest."""
+        spec = self.parts.spec
+        side = math.isqrt(spec.num_visual_tokens)
+        if spec.regions > 1 and pos_vis.shape[0] == spec.num_visual_tokens and side % spec.regions == 0:
+            # the first drop sees the whole grid in order: the regions are a fixed, even partition
+            return self._grid_round_robin_mask(scores, count, side, spec.regions)
+        return self._keep_mask(scores, count, self._regions(pos_vis, image_start))
 
     def _regions(self, pos_vis: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor | None:
         """Region id (float) of each visual token for a region-balanced program, as scoring.grid_regions."""
@@ -532,14 +542,45 @@ class Prefill(nn.Module):
         [n, n] "ranks ahead" matrix (the sort scoring.select_visual uses is not in the runtime). The
         combined key is an exact integer in float32 (below 2^24 for up to 4,096 tokens) and unique."""
         n = s.shape[0]
-        d = s[None, :] - s[:, None]  # d[j, k] = s_k - s_j
-        idx = torch.arange(n)
-        earlier = (idx[None, :] < idx[:, None]).float()  # k before j: wins a tie
-        ahead = d.clamp(0, 1).ceil() + (1 - d.abs().clamp(0, 1).ceil()) * earlier
+        ahead = Prefill._ranks_ahead(s, torch.arange(n).float())  # [j, k]: k ranks ahead of j
         same = 1 - (regions[None, :] - regions[:, None]).abs().clamp(0, 1).ceil()
         key = (ahead * same).sum(1) * (n + 1) + ahead.sum(1)  # smaller is better
         t = torch.topk(-key, count).values[count - 1]
         return (1 - key - t).clamp(0, 1)  # 1 where -key >= t: keys are integers
+
+    @staticmethod
+    def _grid_round_robin_mask(s: torch.Tensor, count: int, side: int, regions: int) -> torch.Tensor:
+        """`_round_robin_mask` over a whole side x side grid in row-major order, cut into regions x regions
+        equal regions (side % regions == 0), without its [n, n] matrix (5.5 of 13.6 ms of a 576-token
+        prefill): every region has the same m tokens, so the first count // G rounds keep whole tiers, and
+        only the next tier's G candidates (one per region) compete for the count % G places left."""
+        n, cell, g = side * side, side // regions, regions * regions
+        if count <= 0:
+            return torch.zeros(n)
+        m = cell * cell
+        # constants (Python lists, not traced ops): each region's grid indices, ascending; and the inverse
+        order = [(ry * cell + y) * side + rx * cell + x
+                 for ry in range(regions) for rx in range(regions) for y in range(cell) for x in range(cell)]
+        members = torch.tensor(order).view(g, m)
+        inverse = torch.tensor(sorted(range(n), key=order.__getitem__))
+        scores = s.float().index_select(0, members.reshape(-1)).view(g, m)
+        rank = Prefill._ranks_ahead(scores, members.float()).sum(-1)  # [g, m] rank within the region
+        tier, wanted = divmod(count, g)
+        keep = (tier - rank).clamp(0, 1)  # rank < tier (ranks are integers)
+        if wanted:
+            at_tier = 1 - (rank - tier).abs().clamp(0, 1).ceil()  # each region's tier-th best
+            candidates = torch.stack([(scores * at_tier).sum(-1), (members.float() * at_tier).sum(-1)])
+            place = Prefill._ranks_ahead(candidates[0][None], candidates[1][None])[0].sum(-1)  # [g]
+            keep = keep + at_tier * (wanted - place).clamp(0, 1)[:, None]
+        return keep.reshape(-1).index_select(0, inverse)  # grid order back from region order
+
+    @staticmethod
+    def _ranks_ahead(s: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """[..., k, k]: 1.0 where token b ranks ahead of token a in the same row of s [..., k] (a higher
+        score, or an equal one and a smaller `index`), as a stable descending sort orders them."""
+        d = s[..., None, :] - s[..., :, None]  # d[..., a, b] = s_b - s_a
+        earlier = (index[..., :, None] - index[..., None, :]).clamp(0, 1)  # index_b < index_a (integers)
+        return d.clamp(0, 1).ceil() + (1 - d.abs().clamp(0, 1).ceil()) * earlier
 
     @staticmethod
     def _indices(mask: torch.Tensor, count: int) -> torch.Tensor:

@@ -184,3 +184,6 @@ def test_round_robin_selection_matches_the_engines_with_many_ties(regions):
         keep = select_visual(scores[None], torch.ones(1, 64, dtype=torch.bool), [count], region_ids)[0]
         got = cx.Prefill._select(scores, count, region_ids[0].float())
         assert got.tolist() == keep.nonzero()[:, 0].tolist(), (trial, scores, count)
+        # the first drop's shortcut over the whole grid (regions a fixed partition) keeps the same tokens
+        whole_grid = cx.Prefill._grid_round_robin_mask(scores, count, 8, regions)
+        assert whole_grid.bool().tolist() == keep.tolist(), (trial, scores, count)
