@@ -9,8 +9,9 @@ benchmarks/results/executorch.{json,md}.
 
 Recipes: keep-all, fitprune-60 (benchmarks/recipes/fitprune-60, fitted by issue 5's script; when it is
 missing, FastV at the same 60% exact-FLOPs budget instead), guides-90, dyvte, dyvte-agree and the
-region-balanced, merged fitprune-60-r12-merge and guides-90-r8-merge when their recipes exist. An exit router's cost differs request by request, so the speed stage also reports the
-mean over items of each item's median prefill (`--speed-items` items, one family after another).
+region-balanced, merged fitprune-60-r12-merge and guides-90-r8-merge when their recipes exist. An exit
+router's cost differs request by request, so the speed stage also reports the mean over items of each
+item's median prefill (`--speed-items` items, one family after another).
 Finished stages are kept in the JSON, so an interrupted run continues.
 
     .venv/bin/python benchmarks/executorch_acceptance.py [--n 500] [--runs 7] [--work /tmp/ep-executorch]

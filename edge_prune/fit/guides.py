@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 from edge_prune.cost import decoder_parameters, estimate
 from edge_prune.engine import PrunedEngine, WorkingSet
-from edge_prune.merging import merge_into_kept
 from edge_prune.errors import RecipeError
 from edge_prune.fit.calibration import CalibrationSet
 from edge_prune.fit.distributed import Dist
 from edge_prune.fit.training import (ForcedBatch, TrainingInterrupted, checkpoint_path, fingerprint, forced_batch,
                                      load_checkpoint, masked_attention, micro_batches, mlp, pred_logits,
                                      save_checkpoint, sum_gradients)
+from edge_prune.merging import merge_into_kept
 from edge_prune.models.shapes import ModelShape
 from edge_prune.recipe import Budget, GuideSpec, PruneSpec, Recipe
 from edge_prune.scoring import GuideSet, grid_regions, guide_parameters, select_visual
