@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edge_prune.bench.evaluate import answer, is_correct
+from edge_prune.bench.evaluate import answer, evaluate, is_correct
 from edge_prune.bench.generator import FAMILIES, iter_items, patch_targets
 from edge_prune.engine import PrunedEngine
 from edge_prune.recipe import Recipe
@@ -99,10 +99,8 @@ def main() -> None:
     if args.n <= 0:
         parser.error(f"--n is {args.n}; expected a positive number of items")
     start = time.time()
-    unpruned = PrunedEngine.load(MODEL)
-    items = list(iter_items(args.split, args.n))
-    base = sum(is_correct(t, it.answer) for s in range(0, args.n, BATCH)
-               for it, t in zip(items[s:s + BATCH], answer(unpruned, items[s:s + BATCH]).texts)) / args.n
+    base = evaluate(MODEL, None, split=args.split, n=args.n, batch_size=BATCH, timing_items=0,
+                    progress=False).accuracy
     rows = [measure(name, tiers, args.split, args.n) for name, tiers in ROWS]
     head = "| recipe | ranking | FLOPs - | acc | Δ acc | " + " | ".join(FAMILIES) + " |"
     lines = [

@@ -463,12 +463,12 @@ class Prefill(nn.Module):
 
     def _regions(self, pos_vis: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor | None:
         """Region id (float) of each visual token for a region-balanced program, as scoring.grid_regions."""
-        regions = self.parts.spec.regions
-        if regions <= 1:
+        from edge_prune.scoring import grid_regions
+
+        spec = self.parts.spec
+        if spec.regions <= 1:
             return None
-        side = math.isqrt(self.parts.spec.num_visual_tokens)
-        g = pos_vis - image_start
-        return ((g // side) * regions // side * regions + (g % side) * regions // side).float()
+        return grid_regions(pos_vis - image_start, spec.num_visual_tokens, spec.regions).float()
 
     def _scores(self, i: int, probs: torch.Tensor | None, x: torch.Tensor, pos: torch.Tensor, n_vis: int,
                 after: torch.Tensor) -> torch.Tensor:

@@ -450,7 +450,8 @@ class PrunedEngine:
         return ScoreContext(layer=layer, query=q, key=k, scaling=scaling, valid=ws.valid, visual=ws.visual,
                             text_after=ws.text_after, positions=ws.positions, seed=self.recipe.prune.seed,
                             chunk=self.score_chunk, fitprune_combine=self.recipe.prune.fitprune_combine,
-                            key_bias=ws.key_bias(), grid_index=ws.grid_index())
+                            key_bias=ws.key_bias(),
+                            grid_index=ws.grid_index() if self.score_hook is not None else None)
 
     def _trim(self, tokens: torch.Tensor) -> list[list[int]]:
         """Cut each row after its first end-of-sequence token (which is kept)."""

@@ -40,7 +40,7 @@ class ScoreContext:
     hidden: torch.Tensor | None = None  # [B, T, d] states after the layer's attention (learned scorers)
     fitprune_combine: str = "product"  # see edge_prune.recipe.FITPRUNE_COMBINES
     key_bias: torch.Tensor | None = None  # [B, T] log of the tokens each key stands for (merged recipes)
-    grid_index: torch.Tensor | None = None  # [B, T] visual tokens' patch numbers on the image grid, else -1
+    grid_index: torch.Tensor | None = None  # [B, T] visual tokens' patch numbers, else -1 (for score hooks)
 
 
 def attention_rows(ctx: ScoreContext, rows: torch.Tensor) -> torch.Tensor:
