@@ -310,12 +310,18 @@ class DecoderParts(nn.Module):
         """edge_prune.merging.merge_into_kept for one request at static counts: (states [1, c, d], sizes
         [1, c]) of the kept tokens `kept` after each `dropped` token joined its most similar one.
 
-        The group sums are a one-hot matmul rather than index_add: a batched matmul the delegate runs."""
+        The group sums are a one-hot matmul rather than index_add: a batched matmul the delegate runs.
+        The one-hot is built from clamps and a running sum instead of argmax and a comparison: those run
+        as portable kernels, and at the first drop (286 x 290 similarities) they took 1.2 ms of a 1.2 ms
+        merge; this form takes 0.6 ms and picks the same partner."""
         xk, xd = x_vis.index_select(1, kept).float(), x_vis.index_select(1, dropped).float()
         sk, sd = size_vis.index_select(1, kept), size_vis.index_select(1, dropped)
         similarity = torch.bmm(self.unit(xd), self.unit(xk).transpose(1, 2))  # [1, m, c] cosines
-        target = similarity.argmax(-1)  # [1, m], ties to the earlier kept token, as the engine's argmax
-        onehot = (target[..., None] == torch.arange(kept.shape[0])).float()  # [1, m, c]
+        gap = similarity.amax(-1, keepdim=True) - similarity  # 0 at each dropped token's best kept tokens
+        best = 1 - torch.ceil(torch.clamp(gap, 0, 1))  # 1 at every maximum (any gap > 0 ceils to 1)
+        # Ties go to the earlier kept token, as the engine's argmax: keep a maximum only while the running
+        # count of maxima is 1.
+        onehot = best * (1 - torch.clamp(torch.cumsum(best, -1) - 1, 0, 1))  # [1, m, c]
         total = sk + torch.bmm(sd[:, None], onehot)[:, 0]
         summed = xk * sk[..., None] + torch.bmm(onehot.transpose(1, 2), xd * sd[..., None])
         return (summed / total[..., None]).to(x_vis.dtype), total

@@ -9,6 +9,7 @@ import torch
 
 from edge_prune.converters import executorch as cx
 from edge_prune.engine import PrunedEngine
+from edge_prune.merging import merge_into_kept
 from edge_prune.models.adapter import LlavaAdapter
 from edge_prune.recipe import ExitSpec, GuideSpec, PruneSpec, Recipe
 from edge_prune.runtimes.executorch import exit_method_names
@@ -91,6 +92,29 @@ def test_region_balanced_and_merged_drops_match_the_engine(adapter, images, scor
     prune = PruneSpec(scorer=scorer, keep_after=[1.0, 0.5, 0.25, 0.1], fitprune_combine="either",
                       regions=regions, merge=merge)
     _check(PrunedEngine(adapter, Recipe(model=adapter.signature(), prune=prune)), images)
+
+
+def test_exported_merge_breaks_exact_ties_as_the_engine(adapter):
+    """Dropped tokens whose best cosine is shared by several kept tokens (equal states) join the first
+    of them, as the engine's argmax does: the export's one-hot has exactly one 1 per dropped token."""
+    recipe = Recipe(model=adapter.signature(), prune=PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.25, 0.1],
+                                                               merge=True))
+    spec = cx.build_spec(adapter, recipe, cx.ConvertOptions())
+    parts = cx.DecoderParts(adapter, recipe, spec, None, None).eval()
+    g = torch.Generator().manual_seed(0)
+    d = adapter.signature().hidden_size
+    distinct = torch.randn(4, d, generator=g)
+    states = torch.cat([distinct.repeat_interleave(2, 0), 3 * distinct, torch.randn(3, d, generator=g)])[None]
+    size = torch.rand(1, states.shape[1], generator=g) + 1  # kept: 8 tokens in 4 equal pairs; dropped: 7
+    kept, dropped = torch.arange(8), torch.arange(8, states.shape[1])
+    with torch.no_grad():
+        merged, total = parts.merge_into_kept(states, size, kept, dropped)
+    keep_visual = torch.zeros(1, states.shape[1], dtype=torch.bool)
+    keep_visual[0, :8] = True
+    ref_states, ref_size = merge_into_kept(states, size, torch.ones_like(keep_visual), keep_visual)
+    assert torch.allclose(merged, ref_states[:, :8], atol=1e-6)
+    assert torch.allclose(total, ref_size[:, :8])
+    assert total.sum().item() == pytest.approx(size.sum().item())  # every dropped token counted once
 
 
 def test_merged_segments_hand_on_the_sizes(adapter, images):
