@@ -44,6 +44,7 @@ RECIPES = ROOT / "recipes"  # --out changes both (dry runs)
 RESULTS = ROOT / "results"
 FITPRUNE_60 = 0.6
 TRAIN_LIMIT_S = 30 * 60  # each kind of module must train in <= 30 min on 2 cores
+LONG_STEPS = 1800  # guide steps of the r12 row: about 1,500 s on 2 cores, inside that limit
 
 
 def guide_schedule(num_layers: int) -> str:
@@ -107,11 +108,11 @@ class Bench:
         return self.state["rows"][key]
 
     # ---- fitters ------------------------------------------------------------------------------------
-    def fit_guides(self, path: Path, regions: int = 1, merge: bool = False) -> Recipe:
+    def fit_guides(self, path: Path, regions: int = 1, merge: bool = False, steps: int | None = None) -> Recipe:
         a = self.args
         data = load_calibration("bench:train", a.train_n)
         layers = self.shape.num_layers
-        config = GuideConfig(parse_schedule(guide_schedule(layers), layers), steps=a.steps, batch_size=8,
+        config = GuideConfig(parse_schedule(guide_schedule(layers), layers), steps=steps or a.steps, batch_size=8,
                              micro_batch=4, lr=a.lr, seed=0, attention_distill=a.attention_distill,
                              regions=regions, merge=merge)
         fitter = GuideFitter(self.engine, data, config, work_dir=path.parent)
@@ -179,6 +180,10 @@ class Bench:
         # them at inference to guides trained to pick tokens to discard)
         self.evaluated("guides-90-r8-merge-trained",
                        self.fitted("guides-90-r8-merge-trained", lambda p: self.fit_guides(p, regions=8, merge=True)))
+        # The same with FitPrune's best region count (12) and the 30-minute budget spent on more steps
+        self.evaluated("guides-90-r12-merge-trained",
+                       self.fitted("guides-90-r12-merge-trained",
+                                   lambda p: self.fit_guides(p, regions=12, merge=True, steps=LONG_STEPS)))
         dyvte = self.fitted("dyvte", self.fit_router(None))
         self.evaluated("dyvte", dyvte)
         fitprune60 = self.fitted("fitprune-60", self.fit_fitprune(FITPRUNE_60))
@@ -205,6 +210,7 @@ class Bench:
 # ---- report -------------------------------------------------------------------------------------------
 EXIT_PLOTS = {"dyvte": "guides_exits_exit_layers.png", "dyvte-agree": "guides_exits_exit_layers_agree.png"}
 ORDER = ["unpruned", "guides-90", "guides-90-merge", "guides-90-r8-merge", "guides-90-r8-merge-trained",
+         "guides-90-r12-merge-trained",
          "fitprune-eq", "fitprune-eq-r12-merge",
          "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
          "fitprune-60+dyvte", "guides-90+dyvte", "dyvte-agree", "fitprune-60+dyvte-agree", "guides-90+dyvte-agree",
@@ -280,7 +286,8 @@ def _exit_keys(row: dict[str, Any]) -> list[str]:
 def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]:
     out: list[tuple[str, bool | None]] = []
     base = rows.get("unpruned")
-    for guide in ("guides-90", "guides-90-merge", "guides-90-r8-merge", "guides-90-r8-merge-trained"):
+    for guide in ("guides-90", "guides-90-merge", "guides-90-r8-merge", "guides-90-r8-merge-trained",
+                  "guides-90-r12-merge-trained"):
         g = rows.get(guide)
         if not (base and g):
             out.append((f"{guide} vs unpruned and baselines", None))
@@ -303,7 +310,7 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]
                         f"{drop:.2f} pt (<= 0.5 pt)", d["flops_reduction"] >= 0.4 and drop <= 0.5))
         else:
             out.append((f"{name}: >= 40% mean prefill-FLOPs reduction with <= 0.5 pt drop", None))
-    for name in ("guides-90", "guides-90-r8-merge-trained", "dyvte", "guides-90+dyvte", "fitprune-60+dyvte",
+    for name in ("guides-90", "guides-90-r8-merge-trained", "guides-90-r12-merge-trained", "dyvte", "guides-90+dyvte", "fitprune-60+dyvte",
                  "dyvte-agree"):
         s = training_seconds(name)
         if s is not None:
