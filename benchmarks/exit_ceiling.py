@@ -119,7 +119,8 @@ def main() -> None:
     results = {}
     for layer in columns:
         run = engine if layer == NO_EXIT else PrunedEngine(engine.adapter, exit_recipe(unpruned, layer))
-        results[layer], text_tokens = answer_all(run, items, "no exit" if layer == NO_EXIT else f"exit after {layer}")
+        label = "no exit" if layer == NO_EXIT else f"exit after {layer}"
+        results[layer], text_tokens = answer_all(run, items, label)
     correct = np.stack([results[c] for c in columns], axis=1)  # [items, columns]
     text = round(statistics.fmean(text_tokens))
     saving = np.array([0.0 if c == NO_EXIT else
@@ -164,7 +165,8 @@ def main() -> None:
         "",
         f"{args.split} split, n={args.n}; every item answered once per exit layer. FLOPs: exact accounting, "
         f"{text} text tokens. An exit after layer l drops every visual token from layer l's MLP on. Command: "
-        f"`.venv/bin/python benchmarks/exit_ceiling.py --n {args.n} --split {args.split} --allowance {args.allowance}`. "
+        f"`.venv/bin/python benchmarks/exit_ceiling.py --n {args.n} --split {args.split} "
+        f"--allowance {args.allowance}`. "
         f"Wall time {time.time() - start:.0f} s.",
         "",
         "## Accuracy when every request exits after the same layer",
@@ -175,7 +177,8 @@ def main() -> None:
     fam_arr = np.array(families)
     for j, c in enumerate(columns):
         per = " | ".join(f"{correct[fam_arr == f, j].mean():.1%}" for f in FAMILIES)
-        lines.append(f"| {'no exit' if c == NO_EXIT else c} | {saving[j]:.1%} | {correct[:, j].mean():.2%} | {per} |")
+        name = "no exit" if c == NO_EXIT else c
+        lines.append(f"| {name} | {saving[j]:.1%} | {correct[:, j].mean():.2%} | {per} |")
     lines += [
         "",
         f"## What a router that knew the answers could reach (unpruned {base_acc:.2%}; allowance "
@@ -184,7 +187,8 @@ def main() -> None:
         "| oracle | FLOPs - (mean) | acc | Δ acc | exits per layer (none, 0..) | " + " | ".join(FAMILIES) + " |",
         "|---|---|---|---|---|" + "---|" * len(FAMILIES),
     ]
-    for name, o in [("per item, no loss", zero_loss), ("per item", item_oracle), ("per item, stable", stable_oracle),
+    for name, o in [("per item, no loss", zero_loss), ("per item", item_oracle),
+                    ("per item, stable", stable_oracle),
                     ("per item, stable, after the image is read", read_oracle),
                     ("per item, the routers' layers", router_layers), ("per family", family_oracle)]:
         dist = ", ".join(str(v) for v in o["exit_layers"].values())

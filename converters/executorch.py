@@ -311,9 +311,9 @@ class DecoderParts(nn.Module):
         [1, c]) of the kept tokens `kept` after each `dropped` token joined its most similar one.
 
         The group sums are a one-hot matmul rather than index_add: a batched matmul the delegate runs.
-        The one-hot is built from clamps and a running sum instead of argmax and a comparison: those run
-        as portable kernels, and at the first drop (286 x 290 similarities) they took 1.2 ms of a 1.2 ms
-        merge; this form takes 0.6 ms and picks the same partner."""
+        The one-hot is built from amax, clamps and a running sum instead of argmax and a comparison, which
+        run as slow portable kernels: a lab timing of the first drop's merge (286 dropped x 290 kept) took
+        1.16 ms with them and 0.57 ms with this form, which picks the same partner."""
         xk, xd = x_vis.index_select(1, kept).float(), x_vis.index_select(1, dropped).float()
         sk, sd = size_vis.index_select(1, kept), size_vis.index_select(1, dropped)
         similarity = torch.bmm(self.unit(xd), self.unit(xk).transpose(1, 2))  # [1, m, c] cosines

@@ -104,8 +104,9 @@ def test_exported_merge_breaks_exact_ties_as_the_engine(adapter):
     g = torch.Generator().manual_seed(0)
     d = adapter.signature().hidden_size
     distinct = torch.randn(4, d, generator=g)
+    # kept: 8 tokens in 4 equal pairs; dropped: 4 parallel to a pair, 3 others
     states = torch.cat([distinct.repeat_interleave(2, 0), 3 * distinct, torch.randn(3, d, generator=g)])[None]
-    size = torch.rand(1, states.shape[1], generator=g) + 1  # kept: 8 tokens in 4 equal pairs; dropped: 7
+    size = torch.rand(1, states.shape[1], generator=g) + 1
     kept, dropped = torch.arange(8), torch.arange(8, states.shape[1])
     with torch.no_grad():
         merged, total = parts.merge_into_kept(states, size, kept, dropped)
