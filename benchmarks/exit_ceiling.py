@@ -48,7 +48,8 @@ NO_EXIT = -1  # column of the run without an exit
 
 
 def exit_recipe(unpruned: Recipe, layer: int) -> Recipe:
-    """Every visual token leaves after layer `layer`'s attention, as an exit router's exit does."""
+    """Every visual token leaves after layer `layer`'s attention, as an exit router's exit does (the same
+    schedule as fitprune_curve's image-seen-by-(layer + 1) diagnostics)."""
     layers = unpruned.model.num_layers
     keep = [1.0] * layer + [0.0] * (layers - layer)
     return Recipe(model=unpruned.model, prune=PruneSpec(scorer="random", keep_after=keep),
@@ -83,10 +84,9 @@ def per_item_oracle(correct: np.ndarray, saving: np.ndarray, floor: int, allowed
     return choice
 
 
-def per_family_oracle(correct: np.ndarray, saving: np.ndarray, families: list[str], floor: int) -> dict:
-    """One column per family maximising the mean saving with at least `floor` right answers."""
-    names = [f for f in FAMILIES if f in families]
-    fam = np.array(families)
+def per_family_oracle(correct: np.ndarray, saving: np.ndarray, fam: np.ndarray, floor: int) -> dict:
+    """One column per family (`fam`: each item's) maximising the mean saving with at least `floor` right."""
+    names = [f for f in FAMILIES if f in fam]
     right = [correct[fam == f].sum(0).tolist() for f in names]  # [families][columns]
     weighted = [((fam == f).sum() * saving).tolist() for f in names]
     best, best_total = None, -1.0
@@ -114,7 +114,7 @@ def main() -> None:
     unpruned = engine.recipe
     layers = unpruned.model.num_layers
     items = list(iter_items(args.split, args.n))
-    families = [it.family for it in items]
+    fam_arr = np.array([it.family for it in items])
     columns = [NO_EXIT, *range(layers)]
     results = {}
     for layer in columns:
@@ -136,8 +136,8 @@ def main() -> None:
             "flops_reduction": float(saving[choice].mean()),
             "accuracy": float(chosen.mean()),
             "exit_layers": {("none" if c == NO_EXIT else str(c)): layer_of.count(c) for c in columns},
-            "per_family_reduction": {f: float(saving[choice][np.array(families) == f].mean())
-                                     for f in FAMILIES if f in families},
+            "per_family_reduction": {f: float(saving[choice][fam_arr == f].mean())
+                                     for f in FAMILIES if f in fam_arr},
         }
 
     every = np.ones(len(columns), dtype=bool)
@@ -155,8 +155,8 @@ def main() -> None:
     assert router is not None
     allowed = np.array([c == NO_EXIT or c in router.layers for c in columns])
     router_layers = summary(per_item_oracle(correct, saving, floor, allowed))
-    fam = per_family_oracle(correct, saving, families, floor)
-    fam_choice = np.array([fam["columns"][f] for f in families])
+    fam = per_family_oracle(correct, saving, fam_arr, floor)
+    fam_choice = np.array([fam["columns"][f] for f in fam_arr])
     family_oracle = summary(fam_choice)
 
     base_acc = base_right / args.n
@@ -174,7 +174,6 @@ def main() -> None:
         "| exit after | FLOPs - | acc | " + " | ".join(FAMILIES) + " |",
         "|---|---|---|" + "---|" * len(FAMILIES),
     ]
-    fam_arr = np.array(families)
     for j, c in enumerate(columns):
         per = " | ".join(f"{correct[fam_arr == f, j].mean():.1%}" for f in FAMILIES)
         name = "no exit" if c == NO_EXIT else c
