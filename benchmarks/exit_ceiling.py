@@ -19,7 +19,7 @@ unpruned model):
   it is), the best choice over all 7^7 combinations;
 - the same per-item oracle restricted to the layers the committed routers may exit at.
 
-    .venv/bin/python benchmarks/exit_ceiling.py [--n 2100] [--split test] [--allowance 0.5]
+    .venv/bin/python benchmarks/exit_ceiling.py [--model DIR] [--n 2100] [--split test] [--allowance 0.5]
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def per_family_oracle(correct: np.ndarray, saving: np.ndarray, fam: np.ndarray, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=MODEL,
+                        help="a benchmark-model checkpoint (default: the committed one)")
     parser.add_argument("--n", type=int, default=2100, help="items")
     parser.add_argument("--split", default="test", choices=["calib", "test"])
     parser.add_argument("--allowance", type=float, default=0.5, help="accuracy points the exits may cost")
@@ -110,7 +112,7 @@ def main() -> None:
     if args.n <= 0:
         parser.error(f"--n is {args.n}; expected a positive number of items")
     start = time.time()
-    engine = PrunedEngine.load(MODEL)
+    engine = PrunedEngine.load(args.model)
     unpruned = engine.recipe
     layers = unpruned.model.num_layers
     items = list(iter_items(args.split, args.n))
@@ -160,12 +162,13 @@ def main() -> None:
     family_oracle = summary(fam_choice)
 
     base_acc = base_right / args.n
+    model_arg = "" if args.model.resolve() == MODEL.resolve() else f" --model {args.model}"
     lines = [
         "# How much prefill an exit router could save (oracle ceiling)",
         "",
         f"{args.split} split, n={args.n}; every item answered once per exit layer. FLOPs: exact accounting, "
         f"{text} text tokens. An exit after layer l drops every visual token from layer l's MLP on. Command: "
-        f"`.venv/bin/python benchmarks/exit_ceiling.py --n {args.n} --split {args.split} "
+        f"`.venv/bin/python benchmarks/exit_ceiling.py{model_arg} --n {args.n} --split {args.split} "
         f"--allowance {args.allowance}`. "
         f"Wall time {time.time() - start:.0f} s.",
         "",

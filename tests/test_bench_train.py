@@ -17,6 +17,7 @@ from edge_prune.bench.train import (
     TrainConfig,
     answer_accuracy,
     build_model,
+    exit_stage_config,
     make_batch,
     pixel_values,
     polish_config,
@@ -41,13 +42,22 @@ def test_smoke_training_saves_a_loadable_llava(tmp_path: Path) -> None:
     # the stage-1 checkpoint carried the training-only probe; the published model does not
     assert any(r["event"] == "tower_step" for r in records)
     assert not (out / PROBE_FILE).exists()
-    # stage 3 started from the joint stage's save, logged apart, and its record keeps the joint stage's
+    # stage 3 started from the joint stage's save, logged apart; stage 4 from stage 3's, with stage 3's
+    # settings and the image hidden after its layer; the final record keeps both earlier stages'
     polished = [json.loads(line) for line in (out / "polish_log.jsonl").open()]
     config = next(r for r in polished if r["event"] == "config")
     assert config["init_from"] == str(out) and config["family_balance"] == 1.0 and config["tower_steps"] == 0
-    assert sum(r["event"] == "step" for r in polished) >= 1 and run["step"] == 2
-    assert run["config"] == asdict(polish_config(TrainConfig(**SMOKE), out))
+    assert sum(r["event"] == "step" for r in polished) >= 1
+    exiting = [json.loads(line) for line in (out / "exit_stage_log.jsonl").open()]
+    config = next(r for r in exiting if r["event"] == "config")
+    assert config["init_from"] == str(out)
+    assert config["vision_exit_after"] == 0 and config["look_layers"] == "0"
+    assert sum(r["event"] == "step" for r in exiting) >= 1 and run["step"] == 2
+    stage3 = polish_config(TrainConfig(**SMOKE), out)
+    assert run["config"] == asdict(exit_stage_config(stage3, out))
+    assert run["polish_stage"]["config"] == asdict(stage3) and run["polish_stage"]["step"] == 2
     assert run["joint_stage"]["config"] == asdict(TrainConfig(**SMOKE)) and run["joint_stage"]["step"] == 3
+    assert "joint_stage" not in run["polish_stage"]
 
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.dtype == torch.float16
@@ -587,6 +597,12 @@ def test_training_refuses_a_look_layer_after_the_vision_exit(tmp_path: Path) -> 
         main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "1", "--polish-vision-exit-after", "0"])
     with pytest.raises(ValueError, match="--polish-vision-exit-after must name a decoder layer 0..0"):
         main(["--smoke", "--out", str(tmp_path / "m"), "--look-layers", "0", "--polish-vision-exit-after", "1"])
+    with pytest.raises(ValueError, match="--exit-stage-look-layers 1 include a layer after --exit-stage-after"):
+        main(["--smoke", "--out", str(tmp_path / "m"), "--exit-stage-look-layers", "1"])
+    with pytest.raises(ValueError, match="--exit-stage-look-layers 0,5 must name decoder layers 0..1"):
+        main(["--smoke", "--out", str(tmp_path / "m"), "--exit-stage-look-layers", "0,5"])
+    with pytest.raises(ValueError, match="--exit-stage-rate must be in"):
+        main(["--smoke", "--out", str(tmp_path / "m"), "--exit-stage-rate", "0"])
     assert not (tmp_path / "m" / "model.safetensors").exists()
 
 
@@ -598,6 +614,7 @@ def test_smoke_training_with_a_vision_exit_saves_a_plain_llava(tmp_path: Path) -
           "--vision-exit-rate", "1", "--polish-vision-exit-after", "0"])
     run = json.loads((tmp_path / "m" / "training_run.json").read_text())
     assert run["joint_stage"]["config"]["vision_exit_after"] == 0  # the joint stage
-    assert run["config"]["vision_exit_after"] == 0  # stage 3 (polish_config)
+    assert run["polish_stage"]["config"]["vision_exit_after"] == 0  # stage 3 (polish_config)
+    assert run["config"]["vision_exit_after"] == 0  # stage 4 (exit_stage_config)
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
     assert not any(layer.self_attn._forward_pre_hooks for layer in model.model.language_model.layers)

@@ -164,7 +164,9 @@ class TrainConfig:
     eval_every_s: float = 900.0
     eval_n: int = 140
     checkpoint_every_s: float = 600.0
-    max_minutes: float = 88.0  # wall-time budget of stages 1 and 2 that also drives the LR schedule; 0 = steps only
+    # wall-time budget of stages 1 and 2 that also drives the LR schedule; 0 = steps only. Stages 1-4 of
+    # the defaults spend at most 76 + 12 + 12 = 100 minutes (run 26's stages 1 and 2 took 75.4)
+    max_minutes: float = 76.0
     # stage 3 (see polish_config): this many minutes more from the joint stage's saved fp16 weights,
     # every question family's answer loss weighted the same, on full scenes, at `polish_lr`
     # (`polish_steps` > 0: a step budget instead; both 0 = no stage 3). Run 20 (12 minutes from
@@ -177,6 +179,18 @@ class TrainConfig:
     # look early in both stages and learn to do without the image after a layer in stage 3 only
     polish_look_layers: str = ""
     polish_vision_exit_after: int = -1
+    # stage 4 (see exit_stage_config): this many minutes more from stage 3's save with stage 3's settings,
+    # but with the image hidden from the text after decoder layer `exit_stage_after` in a share
+    # `exit_stage_rate` of the sequences (VisionExitMask) and the looks at `exit_stage_look_layers`, so
+    # the model has read its image by mid-depth, as LLaVA-1.5 has (`exit_stage_steps` > 0: a step budget
+    # instead; both 0 = no stage 4). Run 26 (the published model; 1,041 steps from run 25): test
+    # accuracy 0.993 -> 0.989; with every visual token gone after layer 2, 0.420 -> 0.815 (count
+    # 0.897, relation 0.337, position 0.530); FitPrune-60 with merging, -2.6 -> -0.8 points (n=700, lab)
+    exit_stage_minutes: float = 12.0
+    exit_stage_steps: int = 0
+    exit_stage_look_layers: str = "1,2"
+    exit_stage_after: int = 2
+    exit_stage_rate: float = 0.25
     test_n: int = 2100  # final test-split accuracy recorded with the model (0 = skip)
     ablation_n: int = 700  # same with every visual token replaced by the mean one (0 = skip)
 
@@ -189,7 +203,8 @@ SMOKE = dict(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermedi
              text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=64, steps=3, batch_size=2,
              warmup_steps=1, turns_per_family=1, eval_n=7, eval_every_s=1e9, checkpoint_every_s=1e9,
              test_n=0, ablation_n=0, max_minutes=0.0, look_layers="1", tower_steps=2, tower_batch=2,
-             polish_minutes=0.0, polish_steps=2)
+             polish_minutes=0.0, polish_steps=2, exit_stage_minutes=0.0, exit_stage_steps=2,
+             exit_stage_look_layers="0", exit_stage_after=0)
 
 
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
@@ -968,13 +983,46 @@ def polish_config(cfg: TrainConfig, joint_dir: str | Path) -> TrainConfig:
                    look_layers=cfg.polish_look_layers or cfg.look_layers, vision_exit_after=cfg.polish_vision_exit_after)
 
 
+def exit_stage_config(cfg: TrainConfig, polish_dir: str | Path) -> TrainConfig:
+    """Stage 4's settings: stage 3's (`cfg` is stage 3's config) from its saved model in `polish_dir`,
+    `cfg.exit_stage_minutes` (or `cfg.exit_stage_steps`) more, with the image hidden after
+    `exit_stage_after` in a share `exit_stage_rate` of the sequences and the looks at or before that layer.
+
+    Without it the model reads count and position only in its last layer (run 25: 42% with every visual
+    token gone after layer 2 of 6), unlike the LLaVA-1.5 checkpoints whose early reading FastV, FitPrune
+    and DyVTE exploit; in the other sequences every layer still sees the image. Adam's moments start afresh.
+    """
+    return replace(cfg, init_from=str(polish_dir), tower_minutes=0.0, tower_steps=0, image_norm=0.0,
+                   steps=cfg.exit_stage_steps if cfg.exit_stage_steps > 0 else cfg.steps,
+                   max_minutes=cfg.exit_stage_minutes, polish_minutes=0.0, polish_steps=0,
+                   exit_stage_minutes=0.0, exit_stage_steps=0, look_layers=cfg.exit_stage_look_layers,
+                   vision_exit_after=cfg.exit_stage_after, vision_exit_rate=cfg.exit_stage_rate)
+
+
+def _next_stage(cfg: TrainConfig, out: Path) -> tuple[str, TrainConfig] | None:
+    """(log name, config) of the stage after the one `cfg` configures: stage 3 when it is on and still
+    ahead, else stage 4 likewise, else None (each stage's config switches itself and earlier ones off)."""
+    if cfg.polish_minutes > 0 or cfg.polish_steps > 0:
+        return "polish_log", polish_config(cfg, out)
+    if cfg.exit_stage_minutes > 0 or cfg.exit_stage_steps > 0:
+        return "exit_stage_log", exit_stage_config(cfg, out)
+    return None
+
+
+# the key of a stage's record in the later stages' training_run.json
+STAGE_RECORDS = {"training_log": "joint_stage", "polish_log": "polish_stage"}
+
+
 def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2,),
-          log_name: str = "training_log", joint: dict | None = None, device: str = "cpu") -> LlavaForConditionalGeneration:
+          log_name: str = "training_log", earlier: dict | None = None,
+          device: str = "cpu") -> LlavaForConditionalGeneration:
     """Train from a fixed seed and save to `out` (periodic checkpoints there, final save at the end);
-    then stage 3 (see polish_config), logged to polish_log.txt, unless it is off. `joint`: the joint
-    stage's record, kept in stage 3's training_run.json. `device`: where the model trains (scenes
-    are always drawn on the CPU); the published model's budget is `max_minutes` on 2 CPU cores, which
-    a GPU run replays by steps (`--max-minutes 0 --steps N --tower-steps N --polish-steps N`)."""
+    then stage 3 (see polish_config), logged to polish_log.txt, and stage 4 (see exit_stage_config),
+    logged to exit_stage_log.txt, unless they are off. `earlier`: the records of the stages before this
+    one by name ("joint_stage", "polish_stage"), kept in the next stage's training_run.json. `device`:
+    where the model trains (scenes are always drawn on the CPU); the published model's budget is
+    wall time on 2 CPU cores, which a GPU run replays by steps (`--max-minutes 0 --steps N
+    --tower-steps N --polish-steps N --exit-stage-steps N`)."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1007,14 +1055,13 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         f"vision {share.vision / 1e9:.3f} GFLOPs, projector {share.projector / 1e9:.3f}, decoder {share.decoder / 1e9:.3f}; "
         f"vision tower share {100 * share.vision_share:.1f}%")
     look_layers = [int(x) for x in cfg.look_layers.split(",")]
-    if any(not 0 <= i < cfg.text_layers for i in look_layers):
-        raise ValueError(f"--look-layers {cfg.look_layers} must name decoder layers 0..{cfg.text_layers - 1}")
     if cfg.look_heads not in (1, 2):
         raise ValueError(f"--look-heads must be 1 or 2, got {cfg.look_heads}")
-    _check_vision_exit(cfg, look_layers, "")
-    if cfg.polish_minutes > 0 or cfg.polish_steps > 0:  # stage 3's settings, before hours of training
-        staged = polish_config(cfg, out)
-        _check_vision_exit(staged, [int(x) for x in staged.look_layers.split(",")], "polish-")
+    _check_vision_exit(cfg, look_layers, log_name)
+    ahead = _next_stage(cfg, out)
+    while ahead:  # later stages' settings, before hours of training
+        _check_vision_exit(ahead[1], [int(x) for x in ahead[1].look_layers.split(",")], ahead[0])
+        ahead = _next_stage(ahead[1], out)
     readout_keys = (LookGuide.readout_keys(look_layers, cfg.look_heads)
                     if cfg.look_weight > 0 and cfg.readout_weight > 0 else [])
     query_keys = LookGuide.query_keys(look_layers) if cfg.look_weight > 0 and cfg.query_weight > 0 else []
@@ -1063,8 +1110,7 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     t0 = time.time()  # the joint stage's clock: its LR schedule spans what is left of the budget
     last_eval = last_ckpt = t0
     meta = {"seed": cfg.seed, "config": asdict(full_cfg), "params": n_params, "vision_flops_share": share.vision_share,
-            "tower_steps": tower_steps, "tower_s": tower_s, **({"joint_stage": joint} if joint else {})}
-    polishing = cfg.polish_minutes > 0 or cfg.polish_steps > 0
+            "tower_steps": tower_steps, "tower_s": tower_s, **(earlier or {})}
     tuner = _ThreadTuner(threads)
     bar = tqdm(range(cfg.steps), desc="train", mininterval=10)
     ema = None
@@ -1156,9 +1202,12 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     meta.update({"step": step + 1, "complete": True, "wall_s": wall, "calib_accuracy": acc})
     save(model, processor, out, meta)
     log({"event": "saved", "dir": str(out), "wall_s": wall}, f"saved {out} after {wall / 60:.1f} min")
-    if polishing:  # the test accuracy is recorded for the finished model only
+    ahead = _next_stage(full_cfg, out)
+    if ahead:  # the test accuracy is recorded for the finished model only
         del model, opt
-        return train(polish_config(full_cfg, out), out, threads, "polish_log", meta, device)
+        this_stage = {k: v for k, v in meta.items() if k not in STAGE_RECORDS.values()}
+        return train(ahead[1], out, threads, ahead[0],
+                     {**(earlier or {}), STAGE_RECORDS.get(log_name, log_name): this_stage}, device)
     for key, n, ablate in (("test_accuracy", cfg.test_n, False), ("test_accuracy_mean_visual", cfg.ablation_n, True)):
         if n:
             # measured on the fp16 weights as saved, so the number describes the published model
@@ -1169,18 +1218,28 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
     return model
 
 
+# the options that set a stage's exit mask: after which layer, the looks, the share of sequences
+_EXIT_FLAGS = {"training_log": ("--vision-exit-after", "--look-layers", "--vision-exit-rate"),
+               "polish_log": ("--polish-vision-exit-after", "--polish-look-layers", "--vision-exit-rate"),
+               "exit_stage_log": ("--exit-stage-after", "--exit-stage-look-layers", "--exit-stage-rate")}
+
+
 def _check_vision_exit(cfg: TrainConfig, look_layers: list[int], stage: str) -> None:
-    """Looks must sit at or before the layer after which the image is hidden (VisionExitMask)."""
+    """Looks must sit at or before the layer after which the image is hidden (VisionExitMask).
+    `stage`: the stage's log name, which says which options set them."""
+    after_flag, looks_flag, rate_flag = _EXIT_FLAGS.get(stage, _EXIT_FLAGS["training_log"])
+    if any(not 0 <= i < cfg.text_layers for i in look_layers):
+        raise ValueError(f"{looks_flag} {cfg.look_layers} must name decoder layers 0..{cfg.text_layers - 1}")
     if cfg.vision_exit_after < 0:
         return
     if cfg.vision_exit_after >= cfg.text_layers - 1:
-        raise ValueError(f"--{stage}vision-exit-after must name a decoder layer 0..{cfg.text_layers - 2} (a later "
+        raise ValueError(f"{after_flag} must name a decoder layer 0..{cfg.text_layers - 2} (a later "
                          f"layer must remain to exit before), got {cfg.vision_exit_after}")
     if cfg.look_weight > 0 and max(look_layers) > cfg.vision_exit_after:
-        raise ValueError(f"--{stage}look-layers {cfg.look_layers} include a layer after --{stage}vision-exit-after "
+        raise ValueError(f"{looks_flag} {cfg.look_layers} include a layer after {after_flag} "
                          f"{cfg.vision_exit_after}, where the image is hidden: look at or before it")
     if not 0 < cfg.vision_exit_rate <= 1:
-        raise ValueError(f"--vision-exit-rate must be in (0, 1], got {cfg.vision_exit_rate}")
+        raise ValueError(f"{rate_flag} must be in (0, 1], got {cfg.vision_exit_rate}")
 
 
 def _log_eval(log: _Log, model: LlavaForConditionalGeneration, cfg: TrainConfig, step: int, elapsed: float) -> dict[str, float]:
