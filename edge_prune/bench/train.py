@@ -185,7 +185,7 @@ class TrainConfig:
     # the model has read its image by mid-depth, as LLaVA-1.5 has (`exit_stage_steps` > 0: a step budget
     # instead; both 0 = no stage 4). Run 26 (the published model; 1,041 steps from run 25): test
     # accuracy 0.993 -> 0.989; with every visual token gone after layer 2, 0.420 -> 0.815 (count
-    # 0.897, relation 0.337, position 0.530); FitPrune-60 with merging, -2.6 -> -0.8 points (n=700, lab)
+    # 0.897, relation 0.337, position 0.530); FitPrune-60 with merged drops, -3.14 -> -1.90 points (n=2100)
     exit_stage_minutes: float = 12.0
     exit_stage_steps: int = 0
     exit_stage_look_layers: str = "1,2"
