@@ -1009,7 +1009,7 @@ def _next_stage(cfg: TrainConfig, out: Path) -> tuple[str, TrainConfig] | None:
     return None
 
 
-# the key of a stage's record in the later stages' training_run.json
+# the key of a stage's record in the later stages' training_run.json (the last stage has none: none follows it)
 STAGE_RECORDS = {"training_log": "joint_stage", "polish_log": "polish_stage"}
 
 
@@ -1207,7 +1207,7 @@ def train(cfg: TrainConfig, out: Path = DEFAULT_OUT, threads: Sequence[int] = (2
         del model, opt
         this_stage = {k: v for k, v in meta.items() if k not in STAGE_RECORDS.values()}
         return train(ahead[1], out, threads, ahead[0],
-                     {**(earlier or {}), STAGE_RECORDS.get(log_name, log_name): this_stage}, device)
+                     {**(earlier or {}), STAGE_RECORDS[log_name]: this_stage}, device)
     for key, n, ablate in (("test_accuracy", cfg.test_n, False), ("test_accuracy_mean_visual", cfg.ablation_n, True)):
         if n:
             # measured on the fp16 weights as saved, so the number describes the published model
