@@ -135,12 +135,13 @@ def test_loss_slack_relaxes_only_the_loss_rule(llava, tmp_path):
     fitter.engine, fitter.adapter, fitter.base, fitter.calibration = engine, llava, engine.recipe, calib
     fitter.sig, fitter.layers = llava.signature(), EXIT_LAYERS
     fitter.config = RouterConfig(micro_batch=4, loss_slack=1e9)
-    _, labels, _, agree = fitter._collect_batch([0, 1, 2, 3])
-    assert labels.bool().tolist() == agree.tolist()
+    slack = fitter._collect_batch([0, 1, 2, 3])
+    agree = slack.agree
+    assert slack.labels.bool().tolist() == agree.tolist()
     fitter.config = RouterConfig(micro_batch=4, labels="agreement")
-    assert fitter._collect_batch([0, 1, 2, 3])[1].bool().tolist() == agree.tolist()
+    assert fitter._collect_batch([0, 1, 2, 3]).labels.bool().tolist() == agree.tolist()
     fitter.config = RouterConfig(micro_batch=4)
-    strict = fitter._collect_batch([0, 1, 2, 3])[1].bool()
+    strict = fitter._collect_batch([0, 1, 2, 3]).labels.bool()
     assert not (strict & ~agree).any()  # DyVTE's labels are agreement and more
     with pytest.raises(RecipeError, match="--loss-slack"):
         RouterFitter(engine, calib, RouterConfig(loss_slack=-0.1), progress=False)
@@ -244,7 +245,8 @@ def test_labels_follow_dyvtes_rule_on_the_engines_exits(llava, tmp_path, base):
     fitter.engine, fitter.adapter, fitter.base, fitter.calibration, fitter.config = (
         engine, llava, base_recipe, calib, config)
     fitter.sig, fitter.layers = llava.signature(), EXIT_LAYERS
-    feats, labels, eligible, agree = fitter._collect_batch([0, 1, 2, 3])
+    got = fitter._collect_batch([0, 1, 2, 3])
+    labels, eligible, agree = got.labels, got.eligible, got.agree
     batch = llava.prepare([s.prompt for s in calib.samples], [s.image for s in calib.samples])
     normal = engine.prefill(batch).logits
     target = normal.argmax(-1)
@@ -369,3 +371,42 @@ def test_eval_reports_exit_layers_and_mean_flops(tiny_llava_dir, llava, tmp_path
     expected = estimate(llava.shape, Recipe.load(path), text_tokens=round(result.text_tokens), exits=measured)
     assert result.pruned_flops == expected.pruned_flops
     assert "exit layers (FLOPs are per-request means)" in format_result(result)
+
+
+def test_answer_checks_match_greedy_answers_with_and_without_an_exit():
+    """The label pass's answer checks (used to score routers in accuracy) equal the engine's greedy
+    answers against the reference: on the committed benchmark model, where answers are right without an
+    exit and often wrong after an early one, so both outcomes occur."""
+    from edge_prune.bench.evaluate import chat_prompt
+
+    model = Path(__file__).resolve().parent.parent / "benchmarks" / "models" / "toyvqa-llava"
+    engine = PrunedEngine.load(model)
+    adapter = engine.adapter
+    calib = load_calibration("bench:calib", 8)
+    fitter = RouterFitter.__new__(RouterFitter)  # the label pass only
+    fitter.engine, fitter.adapter, fitter.base, fitter.calibration = engine, adapter, engine.recipe, calib
+    fitter.sig, fitter.layers = adapter.signature(), [0, 2, 4]
+    fitter.config = RouterConfig(micro_batch=8, labels="agreement")
+    got = fitter._collect_batch(list(range(8)))
+    tok = adapter.processor.tokenizer
+    prompts = [chat_prompt(s.prompt) for s in calib.samples]
+    images = [s.image for s in calib.samples]
+
+    def right(result) -> list[bool]:
+        return [tokens[:len(ref) + 1] == ref + [tok.eos_token_id]
+                for tokens, ref in zip(result.tokens, (tok(f" {s.answer}", add_special_tokens=False)["input_ids"]
+                                                       for s in calib.samples))]
+
+    assert got.normal_correct.tolist() == right(engine.generate(prompts, images, max_new_tokens=4))
+    for j, layer in enumerate(fitter.layers):
+        forced = ExitRouter(fitter.sig.hidden_size, [layer], 1)
+        torch.nn.init.zeros_(forced.w1)
+        recipe = Recipe(model=fitter.sig, prune=engine.recipe.prune,
+                        exit=ExitSpec("unused.safetensors", [layer], 0.0, 1))
+        exited = PrunedEngine(adapter, recipe, router=forced).generate(prompts, images, max_new_tokens=4)
+        assert got.exit_correct[:, j].tolist() == right(exited)
+    assert got.normal_correct.sum() >= 6 and not got.exit_correct[:, 0].all()  # both outcomes are exercised
+    no_answers = [s.__class__(s.image, s.prompt, s.source, None) for s in calib.samples]
+    fitter.calibration = calib.__class__(no_answers, calib.source, [])
+    unchecked = fitter._collect_batch(list(range(8)))
+    assert not unchecked.normal_correct.any() and not unchecked.exit_correct.any()

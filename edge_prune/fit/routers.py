@@ -104,6 +104,11 @@ class ExitLabels:
     labels: torch.Tensor  # [N, C] 1.0 = exiting here keeps the answer
     eligible: torch.Tensor  # [N, C] visual tokens still present and text after the image
     agree: torch.Tensor  # [N, C] argmax agreement alone (reported)
+    # the greedy answer equals the sample's reference answer: after an exit at each candidate layer
+    # [N, C], and without exiting [N]; False for samples without a reference. Not used for training;
+    # they let a benchmark score a router in accuracy, not only in changed answers
+    exit_correct: torch.Tensor | None = None
+    normal_correct: torch.Tensor | None = None
 
 
 @dataclass
@@ -167,8 +172,8 @@ class RouterFitter:
 
     # ---- labels -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _collect_batch(self, ids: list[int]) -> tuple[torch.Tensor, ...]:
-        """(features [B, C, 2d], labels, eligible, agree) for one micro-batch."""
+    def _collect_batch(self, ids: list[int]) -> ExitLabels:
+        """Features, labels and answer checks of one micro-batch."""
         engine, layers = self.engine, self.adapter.layers
         fb = forced_batch(engine, [self.calibration.samples[i] for i in ids], ids)
         ws, counts = fb.ws, fb.counts
@@ -212,15 +217,25 @@ class RouterFitter:
             return torch.zeros(bsz, device=values.device).index_add(0, rows, values.float())
 
         ce_normal = per_sample(F.cross_entropy(normal, targets_t, reduction="none")) / per_row
+        answer_len = fb.pred.sum(1).float()
+        has_reference = per_sample((fb.targets >= 0).float()) == answer_len
+
+        def all_match(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            """[B] every answer position's argmax equals `target` (teacher forcing: the greedy answer)."""
+            return per_sample((logits.argmax(-1) == target).float()) == answer_len
+
         labels = torch.zeros(bsz, c, device=ws.hidden.device)
         agree = torch.zeros(bsz, c, dtype=torch.bool, device=ws.hidden.device)
+        exit_correct = torch.zeros(bsz, c, dtype=torch.bool, device=ws.hidden.device)
         for j, logits in enumerate(exit_logits):
-            same = per_sample((logits.argmax(-1) == normal.argmax(-1)).float()) == fb.pred.sum(1).float()
+            same = all_match(logits, normal.argmax(-1))
             ce_exit = per_sample(F.cross_entropy(logits, targets_t, reduction="none")) / per_row
             agree[:, j] = same
+            exit_correct[:, j] = has_reference & all_match(logits, fb.targets)
             within = ce_exit < self.config.loss_ratio * ce_normal + self.config.loss_slack
             labels[:, j] = (same if self.config.labels == "agreement" else same & within).float()
-        return feats, labels, eligible, agree
+        normal_correct = has_reference & all_match(normal, fb.targets)
+        return ExitLabels(feats, labels, eligible, agree, exit_correct, normal_correct)
 
     def collect(self, stop_after: int | None = None) -> ExitLabels:
         """Labels for every sample (this rank's share, summed over ranks); resumable per micro-batch."""
@@ -230,6 +245,8 @@ class RouterFitter:
         labels = torch.zeros(n, c, device=dev)
         eligible = torch.zeros(n, c, device=dev)
         agree = torch.zeros(n, c, device=dev)
+        exit_correct = torch.zeros(n, c, device=dev)
+        normal_correct = torch.zeros(n, device=dev)
         done = torch.zeros(len(self.micro), device=dev)
         rank_tag = f"router-labels-rank{self.dist.rank}-of{self.dist.world_size}"
         ckpt = checkpoint_path(self.work_dir, rank_tag) if self.work_dir is not None else None
@@ -239,6 +256,7 @@ class RouterFitter:
                 _, extra = resumed
                 feats, labels = extra["features"].to(dev), extra["labels"].to(dev)
                 eligible, agree, done = extra["eligible"].to(dev), extra["agree"].to(dev), extra["done"].to(dev)
+                exit_correct, normal_correct = extra["exit_correct"].to(dev), extra["normal_correct"].to(dev)
                 if self.progress:
                     tqdm.write(f"router: resuming the label collection ({int(done.sum())} micro-batches done, {ckpt})")
         owned = [m for m in range(len(self.micro)) if m % self.dist.world_size == self.dist.rank]
@@ -249,8 +267,10 @@ class RouterFitter:
             if done[m]:
                 continue
             ids = self.micro[m]
-            f, lab, el, ag = self._collect_batch(ids)
-            feats[ids], labels[ids], eligible[ids], agree[ids] = f, lab, el.float(), ag.float()
+            got = self._collect_batch(ids)
+            feats[ids], labels[ids], eligible[ids], agree[ids] = (got.features, got.labels, got.eligible.float(),
+                                                                  got.agree.float())
+            exit_correct[ids], normal_correct[ids] = got.exit_correct.float(), got.normal_correct.float()
             done[m] = 1
             processed += 1
             bar.update(1)
@@ -258,14 +278,14 @@ class RouterFitter:
             if ckpt is not None and (processed % self.config.checkpoint_every == 0 or stop):
                 save_checkpoint(ckpt, None, None, int(done.sum()), self.run_id,
                                 {"features": feats, "labels": labels, "eligible": eligible, "agree": agree,
-                                 "done": done})
+                                 "exit_correct": exit_correct, "normal_correct": normal_correct, "done": done})
             if stop and done[owned].sum() < len(owned):
                 bar.close()
                 raise TrainingInterrupted(f"stopped after {processed} micro-batches")
         bar.close()
-        for t in (feats, labels, eligible, agree):
+        for t in (feats, labels, eligible, agree, exit_correct, normal_correct):
             all_reduce_sum(t, self.dist)
-        return ExitLabels(feats, labels, eligible.bool(), agree.bool())
+        return ExitLabels(feats, labels, eligible.bool(), agree.bool(), exit_correct.bool(), normal_correct.bool())
 
     def save(self, result: RouterFitResult, recipe_path: Path) -> Path:
         """Write the router, the base recipe's module files and recipe.json into one folder."""
