@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from edge_prune.bench.evaluate import weights_sha256
 from edge_prune.engine import PrunedEngine
 from edge_prune.fit.calibration import load_calibration
 from edge_prune.fit.routers import RouterConfig, RouterFitter
@@ -69,7 +70,9 @@ def write(rows: list[dict], n: int) -> None:
     lines = ["# Exit-router weight decay: exits the threshold search finds", "",
              f"`benchmarks/router_weight_decay.py`; `bench:train`, n={n} (every 4th held out for the threshold), "
              "held-out risk <= 1%. Expected prefill-FLOPs reduction per seed (median in bold), and the share "
-             "of held-out probabilities that read exactly 1.0.", "",
+             "of held-out probabilities that read exactly 1.0. Model weights sha256: "
+             + ", ".join(sorted({f"{Path(r['model']).name} {weights_sha256(r['model'])[:16]}" for r in rows}))
+             + ".", "",
              "| model | label rule | weight decay | reduction per seed | median | at 1.0 |",
              "|---|---|---|---|---|---|"]
     for r in rows:
