@@ -21,7 +21,7 @@ recipe (`exit.exit_rates`) for the cost model's expected FLOPs.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -166,9 +166,12 @@ class RouterFitter:
                               f"train on and 4 held out (every {config.heldout_every}th); raise --n")
         self.micro = micro_batches(n, config.micro_batch)
         self.work_dir = Path(work_dir) if work_dir is not None else None
+        # the label fields are part of the fingerprint: a checkpoint from a label pass that stored fewer
+        # of them (before the answer checks) starts fresh instead of failing on the missing tensors
         self.run_id = fingerprint({"kind": "router", "model": asdict(self.sig), "base": base.to_dict()["prune"],
                                    "config": asdict(config), "layers": self.layers, "rank": self.rank,
-                                   "calibration": calibration.source, "n": n})
+                                   "calibration": calibration.source, "n": n,
+                                   "label_fields": [f.name for f in fields(ExitLabels)]})
 
     # ---- labels -------------------------------------------------------------------------------------
     @torch.no_grad()
