@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,7 @@ def bench_set(split: str, n: int) -> tuple[CalibrationSet, list[str]]:
 
 
 def subset(data: ExitLabels, n: int) -> ExitLabels:
-    return ExitLabels(*(t[:n] for t in (data.features, data.labels, data.eligible, data.agree,
-                                        data.exit_correct, data.normal_correct)))
+    return ExitLabels(**{f.name: getattr(data, f.name)[:n] for f in fields(data)})
 
 
 class Scorer:
@@ -92,9 +92,10 @@ class Scorer:
                 best = (drop, red, [theta] * probs.shape[1])
         return best
 
-    def best_per_layer(self, probs: torch.Tensor, allowance: float) -> tuple[float, float, list[float]]:
-        """One threshold per layer, by coordinate ascent from the best single one, on the test items."""
-        drop, red, th = self.best_single(probs, allowance)
+    def best_per_layer(self, probs: torch.Tensor, allowance: float,
+                       single: tuple[float, float, list[float]]) -> tuple[float, float, list[float]]:
+        """One threshold per layer, by coordinate ascent from `single` (best_single's answer), on the test items."""
+        drop, red, th = single
         grid = torch.linspace(0, 1, 400)  # quantiles: a few hundred thresholds per layer are enough to search
         candidates = [sorted({float(q) for q in torch.quantile(probs[:, j][probs[:, j] >= 0], grid)} | {2.0})
                       for j in range(probs.shape[1])]
@@ -132,6 +133,18 @@ class Scorer:
         lost = ((first < 0) & t.normal_correct).nonzero()[:, 0]  # these exit only by losing their answer
         first[lost[:int(allowance / 100 * len(first))]] = 0
         return self.score(first)
+
+
+def test_chosen_rows(scorer: Scorer, probs: torch.Tensor, router: str, calibration: int) -> list[dict]:
+    """Rows for thresholds chosen on the test items: one for every layer, then one per layer, per allowance."""
+    rows = []
+    for allowance in ALLOWANCES:
+        single = scorer.best_single(probs, allowance)
+        for rule, (drop, red, _) in (("test-chosen, one", single),
+                                     ("test-chosen, per layer", scorer.best_per_layer(probs, allowance, single))):
+            rows.append({"router": router, "calibration": calibration, "threshold": f"{rule}, drop <= {allowance}",
+                         "drop": drop, "flops_reduction": red})
+    return rows
 
 
 def fit_probe(train: ExitLabels, families: list[str], test: ExitLabels, test_families: list[str]) -> torch.Tensor:
@@ -180,7 +193,8 @@ def main() -> None:
     test_set, test_families = bench_set("test", args.n_test)
     config = RouterConfig(labels="agreement")
     big = RouterFitter(engine, train_set, config)
-    key = [big.run_id, weights_sha256(args.model), args.n_test]
+    model_sha = weights_sha256(args.model)
+    key = [big.run_id, model_sha, args.n_test]
     cached = torch.load(args.labels_cache) if args.labels_cache and Path(args.labels_cache).is_file() else None
     reused = cached is not None and cached["key"] == key
     if reused:
@@ -195,7 +209,7 @@ def main() -> None:
     saving = torch.tensor([1 - flops[layer] / flops["baseline"] for layer in big.layers])
     scorer = Scorer(test_data, saving)
 
-    rows, per_layer_auc = [], {}
+    rows, test_probs = [], {}
     for name, n in (("router, committed calibration size", min(COMMITTED_N, args.n_train)),
                     ("router, 4x calibration", args.n_train)):
         fitter = RouterFitter(engine, CalibrationSet(train_set.samples[:n], train_set.source, []), config,
@@ -204,26 +218,16 @@ def main() -> None:
         router = fitter.train(data)
         probs = fitter.probabilities(router, test_data, list(range(args.n_test)))
         for risk in RISKS:
-            fitter.config = RouterConfig(labels="agreement", max_risk=risk)
+            fitter.config = replace(config, max_risk=risk)
             threshold, _, _, _ = fitter.choose_threshold(router, data, text)
             drop, red = scorer.score(scorer.first_exit(probs, [threshold] * len(big.layers)))
             rows.append({"router": name, "calibration": n, "threshold": f"held-out, --max-risk {risk}",
                          "drop": drop, "flops_reduction": red})
-        for allowance in ALLOWANCES:
-            for rule, pick in (("test-chosen, one", scorer.best_single), ("test-chosen, per layer",
-                                                                         scorer.best_per_layer)):
-                drop, red, _ = pick(probs, allowance)
-                rows.append({"router": name, "calibration": n, "threshold": f"{rule}, drop <= {allowance}",
-                             "drop": drop, "flops_reduction": red})
-        per_layer_auc[name] = probs
+        rows += test_chosen_rows(scorer, probs, name, n)
+        test_probs[name] = probs
     probe = fit_probe(subset(train_data, args.n_train), train_families, test_data, test_families)
-    per_layer_auc["probe"] = probe
-    for allowance in ALLOWANCES:
-        for rule, pick in (("test-chosen, one", scorer.best_single), ("test-chosen, per layer",
-                                                                     scorer.best_per_layer)):
-            drop, red, _ = pick(probe, allowance)
-            rows.append({"router": "probe: MLP per (family, layer), family given", "calibration": args.n_train,
-                         "threshold": f"{rule}, drop <= {allowance}", "drop": drop, "flops_reduction": red})
+    test_probs["probe"] = probe
+    rows += test_chosen_rows(scorer, probe, "probe: MLP per (family, layer), family given", args.n_train)
     for name, oracle in (("oracle: one exit layer per family", lambda a: scorer.family_oracle(test_families, a)),
                          ("oracle: per request (loose)", scorer.item_oracle)):
         for allowance in ALLOWANCES:
@@ -238,19 +242,20 @@ def main() -> None:
         for j, layer in enumerate(big.layers):
             label = test_data.labels[idx, j]
             entry = {"family": family, "layer": layer, "safe_share": float(label.mean())}
-            for name, probs in per_layer_auc.items():
+            for name, probs in test_probs.items():
                 entry[name] = auc(probs[idx, j], label)
             within.append(entry)
     seconds = time.perf_counter() - start
-    write(Path(args.out), rows, within, scorer, big.layers, saving, args, seconds, list(per_layer_auc), reused)
+    write(Path(args.out), rows, within, scorer, big.layers, saving, args, seconds, list(test_probs), reused,
+          model_sha)
 
 
 def write(out: Path, rows: list[dict], within: list[dict], scorer: Scorer, layers: list[int], saving: torch.Tensor,
-          args: argparse.Namespace, seconds: float, auc_names: list[str], reused: bool) -> None:
+          args: argparse.Namespace, seconds: float, auc_names: list[str], reused: bool, model_sha: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"rows": rows, "within_family_auc": within, "unpruned_accuracy": scorer.unpruned,
                "exit_layers": layers, "flops_reduction_per_exit": saving.tolist(), "n_train": args.n_train,
-               "n_test": args.n_test, "seconds": round(seconds, 1), "labels_reused": reused, "model_sha256": weights_sha256(args.model)}
+               "n_test": args.n_test, "seconds": round(seconds, 1), "labels_reused": reused, "model_sha256": model_sha}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "# Exit routers on DyVTE's inputs: how many FLOPs any threshold can save (benchmark model)",
@@ -259,7 +264,7 @@ def write(out: Path, rows: list[dict], within: list[dict], scorer: Scorer, layer
         f"samples and {args.n_test} test items; unpruned accuracy on them {100 * scorer.unpruned:.2f}% "
         "(teacher-forced greedy answer equal to the reference). Exit after layer "
         + ", ".join(f"{layer}: {100 * float(s):.1f}%" for layer, s in zip(layers, saving))
-        + f" fewer prefill FLOPs (exact accounting). Model weights sha256 {weights_sha256(args.model)[:16]}. "
+        + f" fewer prefill FLOPs (exact accounting). Model weights sha256 {model_sha[:16]}. "
         "Command: `.venv/bin/python benchmarks/router_ceiling.py`. "
         f"Wall time {seconds / 60:.0f} min" + (" (label passes reused from --labels-cache; they take ~10 min on 2 "
                                                "cores)." if reused else "."),

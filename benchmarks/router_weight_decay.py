@@ -71,7 +71,7 @@ def write(rows: list[dict], n: int) -> None:
              f"`benchmarks/router_weight_decay.py`; `bench:train`, n={n} (every 4th held out for the threshold), "
              "held-out risk <= 1%. Expected prefill-FLOPs reduction per seed (median in bold), and the share "
              "of held-out probabilities that read exactly 1.0. Model weights sha256: "
-             + ", ".join(sorted({f"{Path(r['model']).name} {weights_sha256(r['model'])[:16]}" for r in rows}))
+             + ", ".join(f"{Path(m).name} {weights_sha256(m)[:16]}" for m in sorted({r["model"] for r in rows}))
              + ".", "",
              "| model | label rule | weight decay | reduction per seed | median | at 1.0 |",
              "|---|---|---|---|---|---|"]

@@ -3,6 +3,7 @@ cost, bad files, and fitting."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -406,7 +407,7 @@ def test_answer_checks_match_greedy_answers_with_and_without_an_exit():
         exited = PrunedEngine(adapter, recipe, router=forced).generate(prompts, images, max_new_tokens=4)
         assert got.exit_correct[:, j].tolist() == right(exited)
     assert got.normal_correct.sum() >= 6 and not got.exit_correct[:, 0].all()  # both outcomes are exercised
-    no_answers = [s.__class__(s.image, s.prompt, s.source, None) for s in calib.samples]
-    fitter.calibration = calib.__class__(no_answers, calib.source, [])
+    fitter.calibration = dataclasses.replace(calib, samples=[dataclasses.replace(s, answer=None)
+                                                             for s in calib.samples])
     unchecked = fitter._collect_batch(list(range(8)))
     assert not unchecked.normal_correct.any() and not unchecked.exit_correct.any()
