@@ -16,6 +16,10 @@ items, then scores on the test items:
 - an unconstrained probe: one MLP per (question family, layer), ~200x the router's parameters, told
   the family, trained on the 4x calibration set, thresholds chosen on the test items: what DyVTE's
   inputs carry at all, beyond which family a question is;
+- product-sized alternatives to the router, each within its 1% parameter budget, trained and thresholded
+  as the fit does: the router with the logit lens of the last prompt state added to its input (the final
+  norm and LM head on it: top probability, top-two margin, normalised entropy), one low-rank MLP per
+  layer instead of one shared, and a shared first layer with per-layer second layers;
 - the label oracles: one exit layer per family (`exit_ceiling.py`'s search), and per request (the
   answer-knowing bounds).
 
@@ -42,7 +46,8 @@ from edge_prune.bench.evaluate import weights_sha256
 from edge_prune.bench.generator import FAMILIES, iter_items
 from edge_prune.engine import PrunedEngine
 from edge_prune.fit.calibration import CalibrationSample, CalibrationSet
-from edge_prune.fit.routers import ExitLabels, RouterConfig, RouterFitter
+from edge_prune.cost import decoder_parameters
+from edge_prune.fit.routers import ROUTER_BUDGET, ExitLabels, RouterConfig, RouterFitter
 
 from exit_ceiling import per_family_oracle  # sibling benchmark: the same per-family search
 
@@ -52,6 +57,7 @@ COMMITTED_N = 2560  # calibration samples of the committed dyvte-agree router
 RISKS = (0.005, 0.01, 0.02)
 ALLOWANCES = (0.25, 0.5, 1.0)  # accuracy drops (points) at which the frontiers are read
 PROBE_HIDDEN = 64
+LENS_SCALE = 3.0  # lens statistics lie in [0, 1]; the RMS-normalised states' entries are of order 1
 
 
 def bench_set(split: str, n: int) -> tuple[CalibrationSet, list[str]]:
@@ -171,6 +177,94 @@ def fit_probe(train: ExitLabels, families: list[str], test: ExitLabels, test_fam
     return torch.where(test.eligible, probs, torch.full_like(probs, -1.0))
 
 
+def lens_statistics(adapter, features: torch.Tensor) -> torch.Tensor:
+    """[..., 3] logit lens of the last prompt state: top probability, top-two margin, entropy / log(vocab).
+
+    The router input's second half is that state RMS-normalised, and the final norm is an RMSNorm, so
+    its weight times that half is exactly the final norm's output."""
+    d = features.shape[-1] // 2
+    with torch.no_grad():
+        probs = adapter.lm_head(adapter.final_norm.weight * features[..., d:].to(adapter.final_norm.weight.dtype))
+        probs = probs.float().softmax(-1)
+    top = probs.topk(2, -1).values
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
+    return torch.stack([top[..., 0], top[..., 0] - top[..., 1], entropy], -1)
+
+
+class RouterVariant(torch.nn.Module):
+    """A product-sized alternative to the shared router (`ExitRouter`), same training and threshold rule.
+
+    "shared": ExitRouter's layout on a wider input (for the lens statistics); "per layer": one rank-r MLP per
+    candidate layer; "two-level": ExitRouter's shared first layer, then a rank-r2 layer and output per layer."""
+
+    def __init__(self, kind: str, layers: list[int], inputs: int, rank: int, rank2: int = 16):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        n, own_first = len(layers), kind == "per layer"
+        self.kind, self.layers = kind, list(layers)
+        self.w1 = torch.nn.Parameter(torch.randn(n if own_first else 1, rank, inputs, generator=gen) / inputs**0.5)
+        self.b1 = torch.nn.Parameter(torch.zeros(n if own_first else 1, rank))
+        self.layer_embed = torch.nn.Parameter(torch.zeros(n, rank))
+        width = rank
+        if kind == "two-level":
+            self.w_mid = torch.nn.Parameter(torch.randn(n, rank2, rank, generator=gen) / rank**0.5)
+            self.b_mid = torch.nn.Parameter(torch.zeros(n, rank2))
+            width = rank2
+        self.w2 = torch.nn.Parameter(torch.randn(1 if kind == "shared" else n, width, generator=gen) / width**0.5)
+        self.layer_bias = torch.nn.Parameter(torch.zeros(n))
+
+    def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        j = self.layers.index(layer)
+        first = j if self.w1.shape[0] > 1 else 0
+        h = F.gelu(features @ self.w1[first].T + self.b1[first] + self.layer_embed[j])
+        if self.kind == "two-level":
+            h = F.gelu(h @ self.w_mid[j].T + self.b_mid[j])
+        return h @ self.w2[j if self.w2.shape[0] > 1 else 0] + self.layer_bias[j]
+
+
+def train_variant(fitter: RouterFitter, variant: RouterVariant, data: ExitLabels) -> RouterVariant:
+    """`RouterFitter.train`'s loop (full-batch Adam on BCE over eligible pairs) for a RouterVariant."""
+    cfg = fitter.config
+    idx = torch.tensor(fitter.train_ids)
+    feats, labels, elig = data.features[idx], data.labels[idx], data.eligible[idx]
+    optim = torch.optim.Adam(variant.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for _ in range(cfg.train_steps):
+        optim.zero_grad()
+        logits = torch.stack([variant.logits(layer, feats[:, j]) for j, layer in enumerate(fitter.layers)], 1)
+        F.binary_cross_entropy_with_logits(logits[elig], labels[elig]).backward()
+        optim.step()
+    return variant.eval()
+
+
+def variant_rows(engine: PrunedEngine, fitter: RouterFitter, train: ExitLabels, test: ExitLabels, scorer: Scorer,
+                 text: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Rows (held-out thresholds as the fit picks them, then test-chosen) for each product-sized variant."""
+    d2, layers = train.features.shape[-1], fitter.layers
+    with_lens = {name: replace(data, features=torch.cat(
+        [data.features, LENS_SCALE * lens_statistics(engine.adapter, data.features)], -1))
+        for name, data in (("train", train), ("test", test))}
+    budget = ROUTER_BUDGET * decoder_parameters(engine.adapter.shape)
+    variants = [("+ logit lens inputs, shared", RouterVariant("shared", layers, d2 + 3, fitter.rank), with_lens),
+                ("per-layer heads", RouterVariant("per layer", layers, d2, 9), {"train": train, "test": test}),
+                ("two-level", RouterVariant("two-level", layers, d2, fitter.rank), {"train": train, "test": test})]
+    rows, probs_by_name = [], {}
+    for label, variant, data in variants:
+        n_params = sum(p.numel() for p in variant.parameters())
+        assert n_params <= budget, f"{label}: {n_params} parameters, over the {int(budget)} budget"
+        name = f"variant: {label} ({n_params} parameters)"
+        variant = train_variant(fitter, variant, data["train"])
+        probs = fitter.probabilities(variant, data["test"], list(range(len(test.labels))))
+        for risk in RISKS:
+            fitter.config = replace(fitter.config, max_risk=risk)
+            threshold, _, _, _ = fitter.choose_threshold(variant, data["train"], text)
+            drop, red = scorer.score(scorer.first_exit(probs, [threshold] * len(layers)))
+            rows.append({"router": name, "calibration": len(train.labels), "threshold": f"held-out, --max-risk {risk}",
+                         "drop": drop, "flops_reduction": red})
+        rows += test_chosen_rows(scorer, probs, name, len(train.labels))
+        probs_by_name[name] = probs
+    return rows, probs_by_name
+
+
 def auc(score: torch.Tensor, label: torch.Tensor) -> float | None:
     pos, neg = score[label > 0.5], score[label < 0.5]
     if len(pos) == 0 or len(neg) == 0:
@@ -210,7 +304,8 @@ def main() -> None:
     scorer = Scorer(test_data, saving)
 
     rows, test_probs = [], {}
-    for name, n in (("router, committed calibration size", min(COMMITTED_N, args.n_train)),
+    committed = "router, committed calibration size"
+    for name, n in ((committed, min(COMMITTED_N, args.n_train)),
                     ("router, 4x calibration", args.n_train)):
         fitter = RouterFitter(engine, CalibrationSet(train_set.samples[:n], train_set.source, []), config,
                               progress=False)
@@ -225,6 +320,10 @@ def main() -> None:
                          "drop": drop, "flops_reduction": red})
         rows += test_chosen_rows(scorer, probs, name, n)
         test_probs[name] = probs
+        if name == committed:  # the variants train on the same samples
+            more_rows, more_probs = variant_rows(engine, fitter, data, test_data, scorer, text)
+            rows += more_rows
+            test_probs.update(more_probs)
     probe = fit_probe(subset(train_data, args.n_train), train_families, test_data, test_families)
     test_probs["probe"] = probe
     rows += test_chosen_rows(scorer, probe, "probe: MLP per (family, layer), family given", args.n_train)
@@ -271,7 +370,8 @@ def write(out: Path, rows: list[dict], within: list[dict], scorer: Scorer, layer
         "",
         "Rows marked *test-chosen* pick their thresholds on the very test items they are scored on: no fit "
         "can do better with that ranking of requests. The probe has no parameter budget and is told the "
-        "question family.",
+        "question family. *Variants* are product-sized alternatives to the router (each within the 1% parameter "
+        "budget), trained on the committed calibration size and thresholded as the fit does.",
         "",
         "| router | calibration | threshold | Δ accuracy (pt) | FLOPs reduction |",
         "|---|---:|---|---:|---:|",
