@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -154,6 +154,19 @@ class Bench:
             return Recipe.load(recipe.save(path))
         return fit
 
+    @staticmethod
+    def fitprune_scored(base: Path, regions: int) -> Callable[[Path], Recipe]:
+        """The guides' schedule with FitPrune's attention score in place of the guides, merged drops: is it
+        the schedule or the guides' ranking that costs the guides their accuracy?"""
+        def fit(path: Path) -> Recipe:
+            recipe = Recipe.load(base)
+            recipe.prune = replace(recipe.prune, scorer="fitprune", guides=None, fitprune_combine="either",
+                                   regions=regions, merge=True)
+            recipe.provenance = {"method": "fitprune score on a given schedule", "schedule_of": base.parent.name,
+                                 "regions": regions, "merge": True}
+            return Recipe.load(recipe.save(path))
+        return fit
+
     def fit_baseline(self, method: str, reduction: float) -> Callable[[Path], Recipe]:
         def fit(path: Path) -> Recipe:
             recipe = baseline_recipe(self.shape, method, reduction, k=2, text_tokens=self.text_tokens)
@@ -176,6 +189,9 @@ class Bench:
             self.evaluated(name, self.fitted(name, self.drop_variant(guides, regions, merge=True)))
         self.evaluated("fitprune-eq-r12-merge",
                        self.fitted("fitprune-eq-r12-merge", self.fit_fitprune(target, regions=12, merge=True)))
+        # The guides' schedule and drops, ranked by FitPrune's attention score instead of the guides
+        self.evaluated("guide-schedule-fitprune-score-r8-merge",
+                       self.fitted("guide-schedule-fitprune-score-r8-merge", self.fitprune_scored(guides, regions=8)))
         # Guides trained with the merged, region-balanced drops in the loop (the rows above only apply
         # them at inference to guides trained to pick tokens to discard)
         self.evaluated("guides-90-r8-merge-trained",
@@ -210,7 +226,7 @@ class Bench:
 # ---- report -------------------------------------------------------------------------------------------
 EXIT_PLOTS = {"dyvte": "guides_exits_exit_layers.png", "dyvte-agree": "guides_exits_exit_layers_agree.png"}
 ORDER = ["unpruned", "guides-90", "guides-90-merge", "guides-90-r8-merge", "guides-90-r8-merge-trained",
-         "guides-90-r12-merge-trained",
+         "guides-90-r12-merge-trained", "guide-schedule-fitprune-score-r8-merge",
          "fitprune-eq", "fitprune-eq-r12-merge",
          "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
          "fitprune-60+dyvte", "guides-90+dyvte", "dyvte-agree", "fitprune-60+dyvte-agree", "guides-90+dyvte-agree",
