@@ -44,9 +44,9 @@ import torch.nn.functional as F
 
 from edge_prune.bench.evaluate import weights_sha256
 from edge_prune.bench.generator import FAMILIES, iter_items
+from edge_prune.cost import decoder_parameters
 from edge_prune.engine import PrunedEngine
 from edge_prune.fit.calibration import CalibrationSample, CalibrationSet
-from edge_prune.cost import decoder_parameters
 from edge_prune.fit.routers import ROUTER_BUDGET, ExitLabels, RouterConfig, RouterFitter
 
 from exit_ceiling import per_family_oracle  # sibling benchmark: the same per-family search
@@ -139,6 +139,20 @@ class Scorer:
         lost = ((first < 0) & t.normal_correct).nonzero()[:, 0]  # these exit only by losing their answer
         first[lost[:int(allowance / 100 * len(first))]] = 0
         return self.score(first)
+
+
+def heldout_rows(fitter: RouterFitter, router: torch.nn.Module, data: ExitLabels, test_probs: torch.Tensor,
+                 scorer: Scorer, text: int, name: str) -> list[dict]:
+    """Rows for the threshold the fit picks on `fitter`'s held-out share of `data`, per --max-risk."""
+    rows, config = [], fitter.config
+    for risk in RISKS:
+        fitter.config = replace(config, max_risk=risk)
+        threshold, _, _, _ = fitter.choose_threshold(router, data, text)
+        drop, red = scorer.score(scorer.first_exit(test_probs, [threshold] * len(fitter.layers)))
+        rows.append({"router": name, "calibration": len(data.labels),
+                     "threshold": f"held-out, --max-risk {risk}", "drop": drop, "flops_reduction": red})
+    fitter.config = config
+    return rows
 
 
 def test_chosen_rows(scorer: Scorer, probs: torch.Tensor, router: str, calibration: int) -> list[dict]:
@@ -254,12 +268,7 @@ def variant_rows(engine: PrunedEngine, fitter: RouterFitter, train: ExitLabels, 
         name = f"variant: {label} ({n_params} parameters)"
         variant = train_variant(fitter, variant, data["train"])
         probs = fitter.probabilities(variant, data["test"], list(range(len(test.labels))))
-        for risk in RISKS:
-            fitter.config = replace(fitter.config, max_risk=risk)
-            threshold, _, _, _ = fitter.choose_threshold(variant, data["train"], text)
-            drop, red = scorer.score(scorer.first_exit(probs, [threshold] * len(layers)))
-            rows.append({"router": name, "calibration": len(train.labels), "threshold": f"held-out, --max-risk {risk}",
-                         "drop": drop, "flops_reduction": red})
+        rows += heldout_rows(fitter, variant, data["train"], probs, scorer, text, name)
         rows += test_chosen_rows(scorer, probs, name, len(train.labels))
         probs_by_name[name] = probs
     return rows, probs_by_name
@@ -312,12 +321,7 @@ def main() -> None:
         data = subset(train_data, n)
         router = fitter.train(data)
         probs = fitter.probabilities(router, test_data, list(range(args.n_test)))
-        for risk in RISKS:
-            fitter.config = replace(config, max_risk=risk)
-            threshold, _, _, _ = fitter.choose_threshold(router, data, text)
-            drop, red = scorer.score(scorer.first_exit(probs, [threshold] * len(big.layers)))
-            rows.append({"router": name, "calibration": n, "threshold": f"held-out, --max-risk {risk}",
-                         "drop": drop, "flops_reduction": red})
+        rows += heldout_rows(fitter, router, data, probs, scorer, text, name)
         rows += test_chosen_rows(scorer, probs, name, n)
         test_probs[name] = probs
         if name == committed:  # the variants train on the same samples

@@ -9,8 +9,9 @@ scale), then evaluates it:
 
 - fitprune: the recipe's own keep fractions (the reference row);
 - steeper / flatter: FitPrune's fractions raised to the power 1.5 / 0.5, then scaled;
-- front: more dropped after layer 0, fewer later (3 : 1.5 : 1 : 0.8 : 0.6 : 0.6);
-- late-keep: FitPrune's first two drops, then one level for every later layer (2.5 : 1.3 : 0.9 ...);
+- front: more kept after layer 0, fewer after the later layers (3 : 1.5 : 1 : 0.8 : 0.6 : 0.6);
+- late-keep: about FitPrune's first drop, then one level from layer 2 on, which leaves the last layers more
+  (2.5 : 1.3 : 0.9 : 0.9 : 0.9 : 0.9);
 - flat: the same fraction after every layer.
 
     .venv/bin/python benchmarks/schedule_shapes.py [--n 700] [--split calib] [--regions 1]
