@@ -194,12 +194,11 @@ def fit_probe(train: ExitLabels, families: list[str], test: ExitLabels, test_fam
 def lens_statistics(adapter, features: torch.Tensor) -> torch.Tensor:
     """[..., 3] logit lens of the last prompt state: top probability, top-two margin, entropy / log(vocab).
 
-    The router input's second half is that state RMS-normalised, and the final norm is an RMSNorm, so
-    its weight times that half is exactly the final norm's output."""
+    The router input's second half is that state RMS-normalised; the final norm is an RMSNorm, which
+    ignores the state's scale, so it reads the same from that half as from the state itself."""
     d = features.shape[-1] // 2
     with torch.no_grad():
-        probs = adapter.lm_head(adapter.final_norm.weight * features[..., d:].to(adapter.final_norm.weight.dtype))
-        probs = probs.float().softmax(-1)
+        probs = adapter.lm_head(adapter.final_norm(features[..., d:])).float().softmax(-1)
     top = probs.topk(2, -1).values
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
     return torch.stack([top[..., 0], top[..., 0] - top[..., 1], entropy], -1)
@@ -236,20 +235,6 @@ class RouterVariant(torch.nn.Module):
         return h @ self.w2[j if self.w2.shape[0] > 1 else 0] + self.layer_bias[j]
 
 
-def train_variant(fitter: RouterFitter, variant: RouterVariant, data: ExitLabels) -> RouterVariant:
-    """`RouterFitter.train`'s loop (full-batch Adam on BCE over eligible pairs) for a RouterVariant."""
-    cfg = fitter.config
-    idx = torch.tensor(fitter.train_ids)
-    feats, labels, elig = data.features[idx], data.labels[idx], data.eligible[idx]
-    optim = torch.optim.Adam(variant.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for _ in range(cfg.train_steps):
-        optim.zero_grad()
-        logits = torch.stack([variant.logits(layer, feats[:, j]) for j, layer in enumerate(fitter.layers)], 1)
-        F.binary_cross_entropy_with_logits(logits[elig], labels[elig]).backward()
-        optim.step()
-    return variant.eval()
-
-
 def variant_rows(engine: PrunedEngine, fitter: RouterFitter, train: ExitLabels, test: ExitLabels, scorer: Scorer,
                  text: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Rows (held-out thresholds as the fit picks them, then test-chosen) for each product-sized variant."""
@@ -266,7 +251,7 @@ def variant_rows(engine: PrunedEngine, fitter: RouterFitter, train: ExitLabels, 
         n_params = sum(p.numel() for p in variant.parameters())
         assert n_params <= budget, f"{label}: {n_params} parameters, over the {int(budget)} budget"
         name = f"variant: {label} ({n_params} parameters)"
-        variant = train_variant(fitter, variant, data["train"])
+        variant = fitter.train(data["train"], router=variant)
         probs = fitter.probabilities(variant, data["test"], list(range(len(test.labels))))
         rows += heldout_rows(fitter, variant, data["train"], probs, scorer, text, name)
         rows += test_chosen_rows(scorer, probs, name, len(train.labels))

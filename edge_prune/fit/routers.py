@@ -299,11 +299,15 @@ class RouterFitter:
         return result.recipe.save(recipe_path)
 
     # ---- router and threshold --------------------------------------------------------------------------
-    def train(self, data: ExitLabels) -> ExitRouter:
-        """BCE on every (training sample, eligible layer) pair; full batch, deterministic on every rank."""
+    def train(self, data: ExitLabels, router: torch.nn.Module | None = None) -> ExitRouter:
+        """BCE on every (training sample, eligible layer) pair; full batch, deterministic on every rank.
+
+        `router`: another module with ExitRouter's `logits(layer, features)` to train the same way (a
+        benchmark comparing router designs); None trains a fresh ExitRouter seeded by the config."""
         cfg = self.config
-        router = ExitRouter(self.sig.hidden_size, self.layers, self.rank).to(self.adapter.device)
-        router.reset_parameters(cfg.seed)
+        if router is None:
+            router = ExitRouter(self.sig.hidden_size, self.layers, self.rank)
+            router.reset_parameters(cfg.seed)
         router.to(self.adapter.device)
         idx = torch.tensor(self.train_ids, device=self.adapter.device)
         feats, labels, elig = data.features[idx], data.labels[idx], data.eligible[idx]
