@@ -97,10 +97,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.recipe or args.sample:
             raise InputError("an artifact carries its recipe and decodes greedily; drop --recipe/--sample, or "
                              "re-run `edge-prune convert` with another recipe")
-        result = load(args.model).generate(image, args.prompt, max_new_tokens=args.max_new_tokens)
+        result = load(args.model, threads=args.threads).generate(image, args.prompt,
+                                                                   max_new_tokens=args.max_new_tokens)
     else:
-        from edge_prune.engine import PrunedEngine
+        import torch
 
+        from edge_prune.engine import PrunedEngine
+        from edge_prune.runtimes import check_threads
+
+        if args.threads is not None:
+            torch.set_num_threads(check_threads(args.threads))
         engine = PrunedEngine.load(args.model, recipe=args.recipe, device=args.device)
         result = engine.generate(args.prompt, image, max_new_tokens=args.max_new_tokens,
                                  do_sample=args.sample, temperature=args.temperature, seed=args.seed)
@@ -246,7 +252,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     result = run_profile(args.target, args.profile, recipe_path=args.recipe, config=args.config, runs=args.runs,
                          warmup=args.warmup, quant=args.quant, text_tokens=args.text_tokens, report=args.report,
                          eval_results=args.eval, image=args.image, prompt=args.prompt,
-                         budgets={k: v for k, v in budgets.items() if v is not None}, progress=not args.json)
+                         budgets={k: v for k, v in budgets.items() if v is not None}, progress=not args.json,
+                         threads=args.threads)
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -277,6 +284,10 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return int(train_main(args.rest) or 0)
 
 
+THREADS_HELP = ("CPU threads for the artifact's runtime (ExecuTorch's threadpool, llama.cpp's n_threads) or the "
+                "eager engine; default: the runtime's own choice")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-prune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -416,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-rss-mb", type=float, help="override the profile's memory budget")
     p.add_argument("--eval", action="append", help="`edge-prune eval --json` output(s) for the accuracy plot")
     p.add_argument("--report", help="write report.html (+ .json, .md beside it)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
 

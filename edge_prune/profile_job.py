@@ -32,6 +32,7 @@ class ProfileResult:
     measurement: Measurement | None
     verdict: Verdict
     outputs: dict[str, Path] = field(default_factory=dict)
+    threads: int | None = None  # as asked for; None: the runtime's default
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +42,7 @@ class ProfileResult:
             if self.measurement else None,
             "verdict": {"passed": self.verdict.passed, "checks": [c.__dict__ for c in self.verdict.checks]},
             "outputs": {k: str(v) for k, v in self.outputs.items()},
+            "threads": self.threads,
         }
 
 
@@ -58,12 +60,17 @@ def run_profile(target: str | None, profile_name: str, recipe_path: str | None =
                 runs: int = 10, warmup: int = 2, quant: str | None = None, text_tokens: int | None = None,
                 report: str | None = None, eval_results: list[str] | None = None, image: str | None = None,
                 prompt: str | None = None, budgets: dict[str, float] | None = None,
-                progress: bool = True) -> ProfileResult:
+                progress: bool = True, threads: int | None = None) -> ProfileResult:
+    """`threads`: CPU threads for the runtime or the eager engine (None: the runtime's default)."""
     profile = load_profile(profile_name)
     if budgets:
         profile = profile.with_budget(**budgets)
     if runs < 1:
         raise InputError(f"--runs is {runs}; expected at least 1")
+    if threads is not None:
+        from edge_prune.runtimes import check_threads
+
+        check_threads(threads)
     recipe = Recipe.load(recipe_path) if recipe_path else None
     shape: ModelShape | None = None
     measurement: Measurement | None = None
@@ -81,7 +88,7 @@ def run_profile(target: str | None, profile_name: str, recipe_path: str | None =
         if (path / "manifest.json").is_file():
             from edge_prune.runtimes import load, read_manifest
 
-            session = load(path)
+            session = load(path, threads=threads)
             quant = quant or read_manifest(path, verify=False).quant
             if recipe is None and (path / "recipe.json").is_file():
                 recipe = Recipe.load(path / "recipe.json")
@@ -91,8 +98,12 @@ def run_profile(target: str | None, profile_name: str, recipe_path: str | None =
             new_tokens = min(PROFILE_NEW_TOKENS, getattr(getattr(session, "spec", None), "max_new_tokens", PROFILE_NEW_TOKENS))
             generate = lambda: session.generate(img, text, max_new_tokens=new_tokens)  # noqa: E731
         elif (path / "config.json").is_file():
+            import torch
+
             from edge_prune.engine import PrunedEngine
 
+            if threads is not None:
+                torch.set_num_threads(threads)
             engine = PrunedEngine.load(path, recipe=recipe)
             shape = engine.adapter.shape
             quant = quant or "fp32"
@@ -129,7 +140,7 @@ def run_profile(target: str | None, profile_name: str, recipe_path: str | None =
                   "peak_rss_mb": (prediction.memory_mb["total"], "predicted"),
                   "artifact_mb": (prediction.artifact_mb, "predicted")}
     verdict = check_budgets(profile, values)
-    result = ProfileResult(profile, target or str(config), prediction, measurement, verdict)
+    result = ProfileResult(profile, target or str(config), prediction, measurement, verdict, threads=threads)
     if report:
         result.outputs = write_report(_report_data(result, shape, recipe, eval_results), report)
     return result

@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_prune.errors import ArtifactError, InputError
 from edge_prune.recipe import router_exits
+from edge_prune.runtimes import check_threads
 from edge_prune.runtimes.manifest import Manifest
 from edge_prune.runtimes.results import KeptTokens, Timings
 from edge_prune.runtimes.preprocess import PREPROCESS_FILE, ImageConfig, preprocess
@@ -212,6 +213,13 @@ class ExecuTorchSession:
         self.image_config = image_config
         self._methods: dict[str, Any] = {}
 
+    @property
+    def threads(self) -> int:
+        """The ExecuTorch threadpool's size in this process (shared by every session)."""
+        from executorch.extension.pybindings import portable_lib
+
+        return int(portable_lib._threadpool_get_thread_count())
+
     def method(self, name: str) -> Any:
         if name not in self._methods:
             try:
@@ -354,16 +362,40 @@ def _load_program(pte: Path, backend: str) -> tuple[Any, Any]:
     return program, torch
 
 
-def open_session(path: Path, manifest: Manifest, **options: Any) -> ExecuTorchSession:
-    """Called by edge_prune.runtimes.load() after the manifest's checksums were verified."""
+def set_threads(threads: int) -> int:
+    """Size ExecuTorch's CPU threadpool (XNNPACK's and the portable kernels') and return the size it took.
+
+    The pool is one per process, as in the C++ runtime: every session in this process runs on it, so
+    set it before generating, not while another thread is inside a method."""
+    check_threads(threads)
+    from executorch.extension.pybindings import portable_lib
+
+    reset = getattr(portable_lib, "_unsafe_reset_threadpool", None)
+    count = getattr(portable_lib, "_threadpool_get_thread_count", None)
+    if reset is None or count is None:
+        raise ArtifactError("this ExecuTorch runtime cannot resize its threadpool from Python; drop the threads "
+                            "option (it then uses one thread per performance core)")
+    if count() != threads:
+        reset(threads)
+    return int(count())
+
+
+def open_session(path: Path, manifest: Manifest, threads: int | None = None, **options: Any) -> ExecuTorchSession:
+    """Called by edge_prune.runtimes.load() after the manifest's checksums were verified.
+
+    `threads`: resize the process's ExecuTorch threadpool (see `set_threads`); None leaves it as it is."""
     if options:
-        raise InputError(f"unknown session options {sorted(options)}; the ExecuTorch runtime takes none")
+        raise InputError(f"unknown session options {sorted(options)}; the ExecuTorch runtime takes threads only")
+    if threads is not None:
+        check_threads(threads)  # before anything loads: a bad value changes nothing
     root = Path(path)
     spec = ProgramSpec.from_dict(manifest.extra.get("program"), source=str(root / "manifest.json"))
     pte = root / PTE_FILE
     if PTE_FILE not in manifest.files:
         raise ArtifactError(f"{root}: the manifest lists no {PTE_FILE}; this is not an ExecuTorch artifact")
     program, torch_module = _load_program(pte, manifest.backend)
+    if threads is not None:
+        set_threads(threads)
     expected = {VISION, EMBED, DECODE, *prefill_method_names(spec), *exit_method_names(spec).values()}
     expected |= {PREFILL_TEXT} if spec.text_only_prefill else set()
     missing = sorted(expected - set(program.method_names))

@@ -37,6 +37,7 @@ from llama_cpp import mtmd_cpp
 
 from edge_prune.errors import ArtifactError, InputError, RecipeError
 from edge_prune.recipe import Recipe, keep_count
+from edge_prune.runtimes import check_threads
 from edge_prune.runtimes import llamacpp_keys as K
 from edge_prune.runtimes.manifest import Manifest
 
@@ -211,6 +212,7 @@ def open_session(path: str | os.PathLike[str], manifest: Manifest | None = None,
     extra = manifest.extra if manifest is not None else {}
     lm = root / extra.get("lm_file", K.LM_FILE)
     mmproj = Path(options.pop("mmproj", None) or root / extra.get("mmproj_file", K.MMPROJ_FILE))
+    _threads_option(options)
     session = LlamaCppSession(lm, mmproj, SessionOptions(**options))
     if manifest is not None and extra.get("pair_id") and session.pair_id and extra["pair_id"] != session.pair_id:
         raise ArtifactError(f"{lm}: pair id {session.pair_id} differs from the manifest's {extra['pair_id']}; "
@@ -218,8 +220,19 @@ def open_session(path: str | os.PathLike[str], manifest: Manifest | None = None,
     return session
 
 
+def _threads_option(options: dict[str, Any]) -> None:
+    """`threads`, the name every runtime takes (edge_prune.runtimes.load), as llama.cpp's n_threads."""
+    threads = options.pop("threads", None)
+    if threads is None:
+        return
+    if options.get("n_threads") is not None:
+        raise InputError("give threads or n_threads, not both (they are the same setting)")
+    options["n_threads"] = check_threads(threads)
+
+
 def open_gguf(lm_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str], **options: Any) -> LlamaCppSession:
     """Open a bare GGUF pair (no artifact directory), e.g. a stock llama.cpp LLaVA download."""
+    _threads_option(options)
     return LlamaCppSession(Path(lm_path), Path(mmproj_path), SessionOptions(**options))
 
 

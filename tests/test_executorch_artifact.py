@@ -68,6 +68,45 @@ def test_greedy_answers_equal_the_eager_engine(artifact, engine, images):
         assert ours.peak_rss_mb > 10
 
 
+def test_threads_sizes_the_threadpool_and_keeps_the_answers(artifact, images):
+    from executorch.extension.pybindings import portable_lib
+
+    before = portable_lib._threadpool_get_thread_count()
+    try:
+        reference = load(artifact).generate(images[0], PROMPTS[0], max_new_tokens=4)
+        session = load(artifact, threads=1)
+        assert session.threads == 1 and portable_lib._threadpool_get_thread_count() == 1
+        assert session.generate(images[0], PROMPTS[0], max_new_tokens=4).tokens == reference.tokens
+    finally:
+        portable_lib._unsafe_reset_threadpool(before)
+
+
+def test_profile_runs_on_the_threads_asked_for(artifact, images, tmp_path, capsys):
+    from executorch.extension.pybindings import portable_lib
+
+    before = portable_lib._threadpool_get_thread_count()
+    images[0].save(tmp_path / "img.png")
+    try:
+        code = main(["profile", str(artifact), "--profile", "pixel-8", "--runs", "1", "--warmup", "0",
+                     "--image", str(tmp_path / "img.png"), "--prompt", PROMPTS[0], "--threads", "1", "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert code in (0, 1) and out["threads"] == 1 and portable_lib._threadpool_get_thread_count() == 1
+    finally:
+        portable_lib._unsafe_reset_threadpool(before)
+    assert main(["profile", str(artifact), "--profile", "pixel-8", "--threads", "0"]) == 2
+    assert "threads is 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4", 10_000])
+def test_a_bad_thread_count_is_refused_and_changes_nothing(artifact, bad):
+    from executorch.extension.pybindings import portable_lib
+
+    before = portable_lib._threadpool_get_thread_count()
+    with pytest.raises(InputError, match="threads is"):
+        load(artifact, threads=bad)
+    assert portable_lib._threadpool_get_thread_count() == before
+
+
 def test_text_only_prompt_is_not_pruned_and_matches(artifact, engine):
     ours = load(artifact).generate(None, "how many circles?", max_new_tokens=5)
     ref = engine.generate("how many circles?", None, max_new_tokens=5)

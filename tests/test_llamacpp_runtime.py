@@ -135,6 +135,18 @@ def test_exit_after_prefill_frees_the_visual_kv(artifact, images):
         assert res.tokens[0][0] == base.tokens[0][0]  # the first token comes from the full prefill
 
 
+def test_threads_is_llamacpps_thread_count(artifact, images):
+    """Every runtime takes `threads`; llama.cpp's session runs on that many, and a bad count is refused."""
+    s = load(artifact, threads=1)
+    assert s.n_threads == 1
+    assert s.generate(images[0], PROMPT, max_new_tokens=3).tokens == \
+        load(artifact, n_threads=2).generate(images[0], PROMPT, max_new_tokens=3).tokens
+    with pytest.raises(InputError, match="not both"):
+        load(artifact, threads=1, n_threads=2)
+    with pytest.raises(InputError, match="threads is 0"):
+        load(artifact, threads=0)
+
+
 def test_text_only_prompt_is_not_pruned(artifact):
     res = load(artifact, n_threads=2, keep=0.25).generate(None, PROMPT, max_new_tokens=3)
     assert res.kept[0].visual_tokens == 0 and len(res.tokens[0]) >= 1
