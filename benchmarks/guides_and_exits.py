@@ -122,14 +122,16 @@ class Bench:
         shutil.rmtree(path.parent / ".edge-prune-train", ignore_errors=True)
         return result.recipe
 
-    def fit_router(self, base: Path | None, labels: str = "dyvte") -> Callable[[Path], Recipe]:
+    def fit_router(self, base: Path | None, labels: str = "dyvte",
+                   layers: list[int] | None = None) -> Callable[[Path], Recipe]:
+        """`layers`: candidate exit layers (None: the fit's default, every layer but the last)."""
         def fit(path: Path) -> Recipe:
             a = self.args
             base_recipe = Recipe.load(base) if base is not None else None
             engine = PrunedEngine(self.engine.adapter, base_recipe)
             data = load_calibration("bench:train", a.router_n if labels == "dyvte" else a.router_n_agree)
-            fitter = RouterFitter(engine, data, RouterConfig(max_risk=a.max_risk, micro_batch=8, labels=labels),
-                                  work_dir=path.parent)
+            config = RouterConfig(max_risk=a.max_risk, micro_batch=8, labels=labels, layers=layers)
+            fitter = RouterFitter(engine, data, config, work_dir=path.parent)
             result = fitter.fit()
             fitter.save(result, path)
             shutil.rmtree(path.parent / ".edge-prune-train", ignore_errors=True)
@@ -209,6 +211,11 @@ class Bench:
         for name, base in (("dyvte-agree", None), ("fitprune-60+dyvte-agree", fitprune60),
                            ("guides-90+dyvte-agree", guides)):
             self.evaluated(name, self.fitted(name, self.fit_router(base, labels="agreement")))
+        # Candidates 1 and 3 only (the held-out pick among two-candidate sets, README): on the device every
+        # candidate layer ends a prefill segment (benchmarks/executorch_exit_threads.py), and more
+        # candidates did not save more FLOPs
+        self.evaluated("dyvte-agree-l13",
+                       self.fitted("dyvte-agree-l13", self.fit_router(None, labels="agreement", layers=[1, 3])))
         # Exits on top of the merged drops (issue 4's chosen FitPrune variant, and the merged guides)
         merged60 = self.fitted("fitprune-60-r12-merge", self.reuse_or(self.fit_fitprune(FITPRUNE_60, 12, True)))
         self.evaluated("fitprune-60-r12-merge", merged60)
@@ -230,7 +237,7 @@ ORDER = ["unpruned", "guides-90", "guides-90-merge", "guides-90-r8-merge", "guid
          "fitprune-eq", "fitprune-eq-r12-merge",
          "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
          "fitprune-60+dyvte", "guides-90+dyvte", "dyvte-agree", "fitprune-60+dyvte-agree", "guides-90+dyvte-agree",
-         "fitprune-60-r12-merge", "fitprune-60-r12-merge+dyvte-agree", "guides-90-r8-merge+dyvte-agree"]
+         "dyvte-agree-l13", "fitprune-60-r12-merge", "fitprune-60-r12-merge+dyvte-agree", "guides-90-r8-merge+dyvte-agree"]
 
 
 def training_seconds(name: str) -> float | None:
@@ -318,7 +325,7 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]
                             f"({o['flops_reduction']:.1%} fewer FLOPs); position {g['per_family']['position']:.1%} vs "
                             f"{o['per_family']['position']:.1%}",
                             g["accuracy"] > o["accuracy"] and g["per_family"]["position"] >= o["per_family"]["position"]))
-    for name in ("dyvte", "dyvte-agree"):
+    for name in ("dyvte", "dyvte-agree", "dyvte-agree-l13"):
         d = rows.get(name)
         if base and d:
             drop = (base["accuracy"] - d["accuracy"]) * 100
@@ -327,7 +334,7 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]
         else:
             out.append((f"{name}: >= 40% mean prefill-FLOPs reduction with <= 0.5 pt drop", None))
     for name in ("guides-90", "guides-90-r8-merge-trained", "guides-90-r12-merge-trained", "dyvte", "guides-90+dyvte",
-                 "fitprune-60+dyvte", "dyvte-agree"):
+                 "fitprune-60+dyvte", "dyvte-agree", "dyvte-agree-l13"):
         s = training_seconds(name)
         if s is not None:
             out.append((f"{name}: module training {s:.0f} s (<= {TRAIN_LIMIT_S} s)", s <= TRAIN_LIMIT_S))
