@@ -176,6 +176,7 @@ def _report_data(r: ProfileResult, shape: ModelShape | None, recipe: Recipe | No
         rss_timeline=m.rss_timeline if m else [],
         eval_points=points,
         assumptions=p.assumptions if p else [],
+        threads=r.threads,
     )
 
 

@@ -39,6 +39,7 @@ class ReportData:
     rss_timeline: list[tuple[float, float]] = field(default_factory=list)
     eval_points: list[dict[str, Any]] = field(default_factory=list)  # {name, flops_reduction, accuracy}
     assumptions: list[str] = field(default_factory=list)
+    threads: int | None = None  # CPU threads the measurement ran on, as asked for (None: the runtime's default)
 
 
 def _png(fig) -> str:
@@ -116,12 +117,20 @@ figure {{ margin: 0; }} img {{ max-width: 100%; }}
 <h1>{esc(d.title)}</h1>
 <p>target <code>{esc(d.target)}</code> on profile <code>{esc(d.profile)}</code>:
 <span class="status {'ok' if d.verdict['passed'] else 'bad'}">{status}</span></p>
+{f'<p>{esc(threads_note(d))}</p>' if d.measured else ''}
 <table><tr><th>budget</th><th>limit</th><th>value</th><th>source</th><th>result</th></tr>{rows}</table>
 <div class="grid">{figures}</div>
 <h2>Predicted memory</h2><table>{memory}</table>
 <h2>Assumptions</h2><ul>{assumptions}</ul>
 </body></html>
 """
+
+
+def threads_note(d: ReportData) -> str:
+    """Which CPU threads the measured figures ran on: a runtime's speed, and which recipe wins, depend on it."""
+    if d.threads is None:
+        return "Measured with the runtime's default CPU threads."
+    return f"Measured on {d.threads} CPU thread{'s' if d.threads != 1 else ''}."
 
 
 def render_markdown(d: ReportData) -> str:
@@ -132,7 +141,7 @@ def render_markdown(d: ReportData) -> str:
         lines.append(f"| {c['budget']} | {c['direction']} {c['limit']:.1f} | {c['value']:.1f} | {c['source']} | "
                      f"{'pass' if c['passed'] else 'FAIL'} |")
     if d.measured:
-        lines += ["", "| stage | measured median | predicted |", "|---|---|---|"]
+        lines += ["", threads_note(d), "", "| stage | measured median | predicted |", "|---|---|---|"]
         for s, v in d.measured.items():
             pred = d.predicted.get(s)
             lines.append(f"| {s} | {v:.1f} | {'' if pred is None else f'{pred:.1f}'} |")

@@ -88,9 +88,12 @@ def test_profile_runs_on_the_threads_asked_for(artifact, images, tmp_path, capsy
     images[0].save(tmp_path / "img.png")
     try:
         code = main(["profile", str(artifact), "--profile", "pixel-8", "--runs", "1", "--warmup", "0",
-                     "--image", str(tmp_path / "img.png"), "--prompt", PROMPTS[0], "--threads", "1", "--json"])
+                     "--image", str(tmp_path / "img.png"), "--prompt", PROMPTS[0], "--threads", "1", "--json",
+                     "--report", str(tmp_path / "report.html")])
         out = json.loads(capsys.readouterr().out)
         assert code in (0, 1) and out["threads"] == 1 and portable_lib._threadpool_get_thread_count() == 1
+        for page in ("report.md", "report.html"):
+            assert "Measured on 1 CPU thread." in (tmp_path / page).read_text()
     finally:
         portable_lib._unsafe_reset_threadpool(before)
     assert main(["profile", str(artifact), "--profile", "pixel-8", "--threads", "0"]) == 2
