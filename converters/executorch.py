@@ -80,7 +80,8 @@ class ConvertOptions:
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     # Decoder layer boundaries of the prefill segments, e.g. [4] splits 8 layers into 0-3 and 4-7.
-    # Empty = one prefill method (the default; see benchmarks/executorch_segments.py for why).
+    # Empty = one prefill method (the default: every extra segment costs prefill time, more so on more
+    # threads; benchmarks/executorch_exit_threads.py measures it).
     segment_boundaries: list[int] = field(default_factory=list)
     qnn_soc: str = "SM8650"
     text_only_prefill: bool = True  # export prefill_text, for prompts without an image

@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lvpruning: weight of an attention-distillation term next to the answer KL (default 0: KL only)")
     p.add_argument("--lr", type=float, help="learning rate (lvpruning 3e-3, dyvte 1e-2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exit-layers", help="dyvte: candidate layers, e.g. 1,2,3 (default: all but the last)")
+    p.add_argument("--exit-layers", help="dyvte: candidate layers, e.g. 1,3 (default: all but the last); in an "
+                   "ExecuTorch artifact each one ends a prefill segment, which costs time (README)")
     p.add_argument("--max-risk", type=float, default=0.01,
                    help="dyvte: share of held-out requests allowed to exit where the label says no")
     p.add_argument("--loss-slack", type=float, default=0.0,
