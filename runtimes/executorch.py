@@ -383,11 +383,10 @@ def set_threads(threads: int) -> int:
 def open_session(path: Path, manifest: Manifest, threads: int | None = None, **options: Any) -> ExecuTorchSession:
     """Called by edge_prune.runtimes.load() after the manifest's checksums were verified.
 
-    `threads`: resize the process's ExecuTorch threadpool (see `set_threads`); None leaves it as it is."""
+    `threads` (load() has checked it before anything was read): resize the process's ExecuTorch
+    threadpool (see `set_threads`); None leaves it as it is."""
     if options:
         raise InputError(f"unknown session options {sorted(options)}; the ExecuTorch runtime takes threads only")
-    if threads is not None:
-        check_threads(threads)  # before anything loads: a bad value changes nothing
     root = Path(path)
     spec = ProgramSpec.from_dict(manifest.extra.get("program"), source=str(root / "manifest.json"))
     pte = root / PTE_FILE
