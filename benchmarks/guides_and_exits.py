@@ -44,6 +44,7 @@ RECIPES = ROOT / "recipes"  # --out changes both (dry runs)
 RESULTS = ROOT / "results"
 FITPRUNE_60 = 0.6
 TRAIN_LIMIT_S = 30 * 60  # each kind of module must train in <= 30 min on 2 cores
+LOOKAHEAD_LAYERS = [1, 2, 3, 4]  # candidate exit layers of the lookahead routers
 LONG_STEPS = 1800  # guide steps of the r12 row: 1,126 s on 2 cores when measured, inside that limit
 
 
@@ -122,15 +123,17 @@ class Bench:
         shutil.rmtree(path.parent / ".edge-prune-train", ignore_errors=True)
         return result.recipe
 
-    def fit_router(self, base: Path | None, labels: str = "dyvte",
-                   layers: list[int] | None = None) -> Callable[[Path], Recipe]:
-        """`layers`: candidate exit layers (None: the fit's default, every layer but the last)."""
+    def fit_router(self, base: Path | None, labels: str = "dyvte", layers: list[int] | None = None,
+                   lookahead: bool = False) -> Callable[[Path], Recipe]:
+        """`layers`: candidate exit layers (None: the fit's default, every layer but the last); `lookahead`:
+        the router also reads the answer an exit would give (`edge-prune fit --lookahead`)."""
         def fit(path: Path) -> Recipe:
             a = self.args
             base_recipe = Recipe.load(base) if base is not None else None
             engine = PrunedEngine(self.engine.adapter, base_recipe)
             data = load_calibration("bench:train", a.router_n if labels == "dyvte" else a.router_n_agree)
-            config = RouterConfig(max_risk=a.max_risk, micro_batch=8, labels=labels, layers=layers)
+            config = RouterConfig(max_risk=a.max_risk, micro_batch=8, labels=labels, layers=layers,
+                                  lookahead=lookahead)
             fitter = RouterFitter(engine, data, config, work_dir=path.parent)
             result = fitter.fit()
             fitter.save(result, path)
@@ -223,6 +226,14 @@ class Bench:
         for name, base in (("fitprune-60-r12-merge+dyvte-agree", merged60),
                            ("guides-90-r8-merge+dyvte-agree", merged_guides)):
             self.evaluated(name, self.fitted(name, self.fit_router(base, labels="agreement")))
+        # Lookahead routers: the router also reads the answer an exit would give. Candidates 1-4: layer 0's
+        # exits answer near chance (exit_ceiling.md), and leaving it out raised the held-out prediction
+        # (README)
+        for name, base in (("dyvte-lookahead", None), ("fitprune-60-r12-merge+dyvte-lookahead", merged60),
+                           ("guides-90-r8-merge-trained+dyvte-lookahead",
+                            RECIPES / "guides-90-r8-merge-trained" / "recipe.json")):
+            self.evaluated(name, self.fitted(name, self.fit_router(base, labels="agreement", layers=LOOKAHEAD_LAYERS,
+                                                                   lookahead=True)))
 
     @staticmethod
     def reuse_or(fit: Callable[[Path], Recipe]) -> Callable[[Path], Recipe]:
@@ -231,13 +242,15 @@ class Bench:
 
 
 # ---- report -------------------------------------------------------------------------------------------
-EXIT_PLOTS = {"dyvte": "guides_exits_exit_layers.png", "dyvte-agree": "guides_exits_exit_layers_agree.png"}
+EXIT_PLOTS = {"dyvte": "guides_exits_exit_layers.png", "dyvte-agree": "guides_exits_exit_layers_agree.png",
+              "dyvte-lookahead": "guides_exits_exit_layers_lookahead.png"}
 ORDER = ["unpruned", "guides-90", "guides-90-merge", "guides-90-r8-merge", "guides-90-r8-merge-trained",
          "guides-90-r12-merge-trained", "guide-schedule-fitprune-score-r8-merge",
          "fitprune-eq", "fitprune-eq-r12-merge",
          "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
          "fitprune-60+dyvte", "guides-90+dyvte", "dyvte-agree", "fitprune-60+dyvte-agree", "guides-90+dyvte-agree",
-         "dyvte-agree-l13", "fitprune-60-r12-merge", "fitprune-60-r12-merge+dyvte-agree", "guides-90-r8-merge+dyvte-agree"]
+         "dyvte-agree-l13", "fitprune-60-r12-merge", "fitprune-60-r12-merge+dyvte-agree", "guides-90-r8-merge+dyvte-agree",
+         "dyvte-lookahead", "fitprune-60-r12-merge+dyvte-lookahead", "guides-90-r8-merge-trained+dyvte-lookahead"]
 
 
 def training_seconds(name: str) -> float | None:
@@ -325,7 +338,7 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]
                             f"({o['flops_reduction']:.1%} fewer FLOPs); position {g['per_family']['position']:.1%} vs "
                             f"{o['per_family']['position']:.1%}",
                             g["accuracy"] > o["accuracy"] and g["per_family"]["position"] >= o["per_family"]["position"]))
-    for name in ("dyvte", "dyvte-agree", "dyvte-agree-l13"):
+    for name in ("dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead"):
         d = rows.get(name)
         if base and d:
             drop = (base["accuracy"] - d["accuracy"]) * 100
@@ -334,7 +347,7 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]
         else:
             out.append((f"{name}: >= 40% mean prefill-FLOPs reduction with <= 0.5 pt drop", None))
     for name in ("guides-90", "guides-90-r8-merge-trained", "guides-90-r12-merge-trained", "dyvte", "guides-90+dyvte",
-                 "fitprune-60+dyvte", "dyvte-agree", "dyvte-agree-l13"):
+                 "fitprune-60+dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead"):
         s = training_seconds(name)
         if s is not None:
             out.append((f"{name}: module training {s:.0f} s (<= {TRAIN_LIMIT_S} s)", s <= TRAIN_LIMIT_S))

@@ -33,7 +33,7 @@ import math
 import os
 import platform
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -344,7 +344,10 @@ class Prefill(nn.Module):
     A merging program hands the visual tokens' sizes on too: (x_text, x_vis, pos_vis, size_vis).
     A segment that ends right after an exit-candidate layer also returns the router's exit probability.
     mode "exited": the rest of the decoder after a request exited: (x_text, image_start) -> (logits,),
-    no visual tokens, text positions as in the image prompt. mode "text": a prompt without an image.
+    no visual tokens, text positions as in the image prompt; with a lookahead router it runs before the
+    decision and returns (logits, p_exit), the router reading its input states and the answer it gives
+    (then only the last image segment, whose logits are that answer, returns a probability).
+    mode "text": a prompt without an image.
     """
 
     def __init__(self, parts: DecoderParts, start: int, end: int, mode: str = "image"):
@@ -376,6 +379,7 @@ class Prefill(nn.Module):
             pos_vis = torch.zeros(1, 0, dtype=torch.long)
         if self.mode != "image" or not p.merge:
             size_vis = torch.ones(1, x_vis.shape[1])
+        x_text_in = x_text  # the exit decision's input states (a lookahead router reads them in "exited" mode)
         t = x_text.shape[1]
         idx_text = torch.arange(t)
         after = idx_text >= image_start  # text tokens after the image (FitPrune's cross rows, guides' keys)
@@ -421,19 +425,27 @@ class Prefill(nn.Module):
             x = x + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x))
         n_vis = x.shape[1] - t
         extra: tuple[torch.Tensor, ...] = ()
-        if self.mode == "image" and (self.end - 1) in spec.exit_layers:
-            extra = (self._exit_probability(self.end - 1, x[:, n_vis:], after),)
-        if last:
-            # The prompt's last token is the last text token (the runtime rejects prompts ending in the image)
-            return (p.logits(x[:, -1]), *extra)
+        logits = p.logits(x[:, -1]) if last else None  # the prompt ends in text (the runtime checks)
+        candidate = self.end - 1 in spec.exit_layers
+        if self.mode == "image" and candidate and (not spec.exit_lookahead or last):
+            extra = (self._exit_probability(self.end - 1, x[:, n_vis:], after, logits),)
+        elif self.mode == "exited" and spec.exit_lookahead:
+            extra = (self._exit_probability(self.start - 1, x_text_in, after, logits),)
+        if logits is not None:
+            return (logits, *extra)
         sizes = (size_vis,) if p.merge else ()
         return (x[:, n_vis:], x[:, :n_vis], pos[:, :n_vis], *sizes, *extra)
 
-    def _exit_probability(self, layer: int, x_text: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-        """The router's p(exit) at this layer's output, from the text states (DyVTE's features), shape [1]."""
-        from edge_prune.scoring import ExitRouter
+    def _exit_probability(self, layer: int, x_text: torch.Tensor, after: torch.Tensor,
+                          exit_logits: torch.Tensor | None) -> torch.Tensor:
+        """The router's p(exit) at this layer's output, from the text states (DyVTE's features) and, for a
+        lookahead router, the logits the request gets if it exits here; shape [1]."""
+        from edge_prune.scoring import ExitRouter, lookahead_statistics
 
         feats = ExitRouter.features(x_text, after[None], x_text[:, -1])
+        if self.parts.spec.exit_lookahead:
+            assert exit_logits is not None
+            feats = torch.cat([feats, lookahead_statistics(exit_logits).to(feats.dtype)], -1)
         return torch.sigmoid(self.parts.router.logits(layer, feats).float())
 
     def _pool(self, visual: torch.Tensor) -> torch.Tensor:
@@ -733,6 +745,7 @@ def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> Program
         text_only_prefill=options.text_only_prefill,
         exit_layers=exit_layers,
         exit_threshold=recipe.exit.threshold if recipe.exit is not None else None,
+        exit_lookahead=recipe.exit is not None and recipe.exit.lookahead,
         regions=recipe.prune.regions,
         merge=recipe.prune.merge,
     )
@@ -1016,7 +1029,8 @@ def convert(model_dir: str | Path, recipe: Recipe | str | Path | None, output: s
     with ArtifactWriter(output, overwrite=options.overwrite) as art:
         steps = tqdm(total=4, desc=f"convert ({options.backend}, {options.quant})",
                      disable=not options.progress)
-        recipe.save(art.path(RECIPE_FILE))  # copies guide / router files beside it
+        # a copy: saving re-points a recipe at its new folder, and this one is the caller's (and the temp dir goes)
+        replace(recipe).save(art.path(RECIPE_FILE))  # copies guide / router files beside it
         art.write_json(PREPROCESS_FILE, image_config(adapter).to_dict())
         art.write_json(CHAT_FILE, chat_format(adapter).to_dict())
         adapter.processor.tokenizer.backend_tokenizer.save(str(art.path(TOKENIZER_FILE)))

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -92,7 +92,8 @@ def convert_gguf(
             _llamacpp_quantize(lm_path, "q4_k_m")
         _write_mmproj(mm_path, model, shape, processor, pair_id, keep_class_token, progress,
                       modules=recipe_module_tensors(recipe))
-        recipe.save(art.path(K.RECIPE_FILE))  # copies guide / router files beside it
+        # a copy: saving re-points a recipe at its new folder, and this one is the caller's (and the temp dir goes)
+        replace(recipe).save(art.path(K.RECIPE_FILE))  # copies guide / router files beside it
         # The checkpoint's config lets `edge-prune profile ARTIFACT` predict, not only measure.
         art.copy_file(CONFIG_FILE, model_dir / CONFIG_FILE)
         types = {K.LM_FILE: _tensor_type_counts(lm_path), K.MMPROJ_FILE: _tensor_type_counts(mm_path)}

@@ -35,7 +35,11 @@ Learned modules (exact accounting only; the paper accountings print no term for 
     text 2 n_t d r, scores and context 2 n_v n_t r, output n_v r multiply-adds. n_t is `text_tokens`
     (all prompt text), an upper bound: the guides attend to the text after the image only.
   * exit router: per candidate layer it is evaluated at (every candidate up to and including the exit
-    layer, while the request still has visual tokens): 2d r + 2r multiply-adds.
+    layer, while the request still has visual tokens): 2d r + 2r multiply-adds (+ 3r with `lookahead`).
+    A lookahead router (recipe `exit.lookahead`) also runs, at each such layer, the rest of the decoder
+    text-only and the lm_head on the last position, to read the answer an exit would give: at the exit
+    layer that run is the request's rest of prefill (the schedule already counts it), at every other
+    candidate it is thrown away and counted here, causal attention over the text tokens included.
 Merging (recipe `prune.merge`, exact accounting only): at each layer that drops visual tokens, n_drop
 dropped and n_keep kept: n_drop n_keep d multiply-adds for the cosine similarities and n_drop d for the
 weighted sums of the dropped states (edge_prune.merging).
@@ -294,12 +298,26 @@ def _module_macs(shape: ModelShape, recipe: Recipe, text_tokens: int, n_visual: 
     e = recipe.exit
     if e is not None:
         plain = token_schedule(shape, recipe, text_tokens, n_visual)
+        inputs = 2 * d + (3 if e.lookahead else 0)
         for layer in e.layers:
             if exit_layer is not None and layer > exit_layer:
                 break
             if plain.visual_out[layer] > 0 and text_tokens > 0:  # evaluated while visual tokens remain
-                router += 2 * d * e.rank + 2 * e.rank
+                router += inputs * e.rank + 2 * e.rank
+                if e.lookahead and layer != exit_layer:
+                    router += _text_only_rest_macs(shape, layer, text_tokens, plain.skip_attention)
     return guides, router
+
+
+def _text_only_rest_macs(shape: ModelShape, after_layer: int, text_tokens: int, skip: frozenset[int]) -> int:
+    """Multiply-adds of the decoder's layers after `after_layer` over the text tokens alone, and the lm_head
+    on the last position: the run a lookahead router reads at a candidate layer."""
+    macs = shape.hidden_size * shape.vocab_size
+    for i in range(after_layer + 1, shape.num_layers):
+        if i not in skip:
+            macs += sum(_attention_macs(shape, text_tokens))
+        macs += _mlp_macs(shape, text_tokens)
+    return macs
 
 
 def _merge_macs(shape: ModelShape, sched: TokenSchedule) -> int:

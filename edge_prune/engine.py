@@ -17,7 +17,7 @@ different prompt lengths and different visual-token counts can share one batch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,6 +37,7 @@ from edge_prune.scoring import (
     fitprune_attention,
     fitprune_combine,
     grid_regions,
+    lookahead_statistics,
     pool_visual,
     select_visual,
 )
@@ -141,7 +142,10 @@ class PrunedEngine:
         e = recipe.exit
         if e is not None:
             self.router = router if router is not None else ExitRouter.load(recipe.resolve(e.router), signature,
-                                                                           e.layers, e.rank)
+                                                                           e.layers, e.rank, e.lookahead)
+            if self.router.lookahead != e.lookahead:
+                raise RecipeError(f"the exit router passed in {'reads' if self.router.lookahead else 'does not read'} "
+                                  f"the lookahead statistics, but the recipe's 'exit.lookahead' is {e.lookahead}")
             self.router.to(adapter.device).eval()
         self.exit_layers = set(e.layers) if e is not None else set()
         # Optional f(features, visual_counts_per_request) -> features, for ablations.
@@ -249,8 +253,7 @@ class PrunedEngine:
             residual = ws.hidden
             ws.hidden = residual + layer.mlp(layer.post_attention_layernorm(ws.hidden))
         last = ws.valid.long().sum(1) - 1
-        final = self.adapter.final_norm(ws.hidden[torch.arange(ws.hidden.shape[0]), last])
-        logits = self.adapter.lm_head(final).float()
+        logits = self.last_logits(ws)
         t2 = time.perf_counter()
         next_positions = torch.stack([ws.positions[b, last[b]] for b in range(len(last))]) + 1
         kept = [
@@ -376,27 +379,33 @@ class PrunedEngine:
         """Layer i's MLP with the exit decision folded in.
 
         The router reads the text tokens' states at the layer's output. The MLP works per token, so
-        those states do not depend on the visual tokens' MLP: the text-after-image tokens go through
-        the MLP first, the router decides, and an exiting request's visual tokens skip this MLP and
-        every later layer (its keep count is 0 from layer i on).
+        those states do not depend on the visual tokens' MLP: the text tokens go through the MLP first,
+        the router decides, and an exiting request's visual tokens skip this MLP and every later layer
+        (its keep count is 0 from layer i on). A lookahead router also reads the answer the request
+        would give if it exited here (run_exited from these text states).
         """
         norm, mlp = layer.post_attention_layernorm, layer.mlp
         text = ws.text_after & ws.valid
+        nonvisual = ws.valid & ~ws.visual
         present = (ws.visual & ws.valid).sum(1)
         eligible = text.any(1) & (present > 0)
         hidden = ws.hidden.clone()
-        if bool(text.any()):
-            hidden[text] = ws.hidden[text] + mlp(norm(ws.hidden[text]))
+        if bool(nonvisual.any()):
+            hidden[nonvisual] = ws.hidden[nonvisual] + mlp(norm(ws.hidden[nonvisual]))
         exiting = torch.zeros_like(eligible)
         if bool(eligible.any()):
             last = ws.valid.long().sum(1) - 1
             bidx = torch.arange(hidden.shape[0], device=hidden.device)
             feats = ExitRouter.features(hidden, text, hidden[bidx, last])
             assert self.router is not None and self.recipe.exit is not None
+            if self.router.lookahead:
+                text_only = replace(ws, hidden=hidden).select(nonvisual)
+                feats = torch.cat([feats, lookahead_statistics(self.last_logits(self.run_exited(text_only, i)))
+                                   .to(feats.dtype)], -1)
             prob = torch.sigmoid(self.router.logits(i, feats).float())
             exiting = eligible & router_exits(prob, self.recipe.exit.threshold)
         keep = ws.valid & ~(ws.visual & exiting[:, None])
-        rest = keep & ~text
+        rest = keep & ws.visual
         if bool(rest.any()):
             hidden[rest] = ws.hidden[rest] + mlp(norm(ws.hidden[rest]))
         ws.hidden = hidden
@@ -406,6 +415,23 @@ class PrunedEngine:
             exits[b] = i
             counts[b][i:] = [0] * (len(counts[b]) - i)
         return ws.select(keep)
+
+    def run_exited(self, ws: WorkingSet, after_layer: int) -> WorkingSet:
+        """The decoder's layers after `after_layer` on a working set without visual tokens (an exited
+        request's rest of prefill), in place; its KV caches are not kept."""
+        for k in range(after_layer + 1, len(self.adapter.layers)):
+            layer = self.adapter.layers[k]
+            if k not in self.skip:
+                out, _, _ = self.attend(layer, ws)
+                ws.hidden = ws.hidden + out
+            ws.hidden = ws.hidden + layer.mlp(layer.post_attention_layernorm(ws.hidden))
+        return ws
+
+    def last_logits(self, ws: WorkingSet) -> torch.Tensor:
+        """[B, vocab] float logits at each request's last valid token."""
+        last = ws.valid.long().sum(1) - 1
+        final = self.adapter.final_norm(ws.hidden[torch.arange(ws.hidden.shape[0]), last])
+        return self.adapter.lm_head(final).float()
 
     def _drop(self, ws: WorkingSet, layer: int, attn_ctx, targets: list[int]) -> WorkingSet:
         scorer = self.recipe.prune.scorer

@@ -76,6 +76,13 @@ class ExitSpec:
     wins); 1.0 means never (see `router_exits`). `exit_rates[j]` is the share of held-out
     calibration requests that exited after `layers[j]`; the rest never exit. The cost model uses it
     for expected (mean) FLOPs.
+
+    `lookahead` (an addition to the v1 contract, default false): at each candidate layer the router
+    also reads the answer the exited request would give. The rest of the decoder runs text-only on
+    the layer's text states (what an exit runs anyway), and the router gets that answer's top
+    probability, top-two margin and entropy (`scoring.lookahead_statistics`). When the request
+    exits, that run is the rest of its prefill; when it does not, the cost model counts it as the
+    router's work.
     """
 
     router: str
@@ -83,6 +90,7 @@ class ExitSpec:
     threshold: float
     rank: int
     exit_rates: list[float] = field(default_factory=list)
+    lookahead: bool = False
 
 
 def router_exits(prob, threshold: float):
@@ -218,11 +226,18 @@ class Recipe:
             "version": self.version,
             "model": asdict(self.model),
             "prune": asdict(self.prune),
-            "exit": None if self.exit is None else asdict(self.exit),
+            "exit": None if self.exit is None else self._exit_dict(),
             "skip_attention": list(self.skip_attention),
             "budget": asdict(self.budget),
             "provenance": dict(self.provenance),
         }
+
+    def _exit_dict(self) -> dict[str, Any]:
+        assert self.exit is not None
+        data = asdict(self.exit)
+        if not data["lookahead"]:  # written only when set, so recipes without it read in older edge-prune
+            del data["lookahead"]
+        return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Validate, then write atomically (temp file + rename) so a crash leaves no half recipe.
@@ -412,6 +427,8 @@ class Recipe:
         _check_layers(e.layers, self.model.num_layers, f"{where}.layers'")
         if not e.layers:
             raise RecipeError(f"{where}.layers' is empty; list the candidate exit layers")
+        if not isinstance(e.lookahead, bool):
+            raise RecipeError(f"{where}.lookahead' is {e.lookahead!r}, expected true or false")
         t = e.threshold
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 <= t <= 1.0:
             raise RecipeError(f"{where}.threshold' is {t!r}, expected a probability in [0, 1]")

@@ -68,6 +68,10 @@ class ProgramSpec:
     text_only_prefill: bool = True  # the program has prefill_text (prompts without an image)
     exit_layers: list[int] = field(default_factory=list)  # exit-router candidates (a segment ends after each)
     exit_threshold: float | None = None
+    # recipe exit.lookahead: the router reads the answer an exit would give, so prefill_exit_<l> runs first and
+    # returns (logits, p_exit); the image segment ending at a candidate then returns no probability (but the
+    # last segment, whose logits are the exit's answer already)
+    exit_lookahead: bool = False
     # Region-balanced ranking over regions x regions cells of the image grid, and merging dropped tokens
     # into kept ones (recipe prune.regions / prune.merge); merged programs hand the visual tokens' sizes
     # from segment to segment and keep per-layer log sizes beside the KV cache.
@@ -315,6 +319,8 @@ class ExecuTorchSession:
         Returns (logits, exit layer or None). A segment hands (x_text, x_vis, pos_vis) to the next;
         one that ends at a candidate layer also returns p(exit). On an exit the rest of the decoder
         runs text-only (prefill_exit_<layer>), so later layers never see, nor cache, visual tokens.
+        A lookahead router's p(exit) comes from prefill_exit_<layer> itself, with the answer it would
+        give; when the request stays, the next segment rewrites the text KV entries that run wrote.
         """
         spec = self.spec
         start = np.asarray([image_start], dtype=np.int64)
@@ -323,7 +329,12 @@ class ExecuTorchSession:
         for k, (name, (_, end)) in enumerate(zip(prefill_method_names(spec), spec.prefill_segments)):
             state = self._run(name, *state, start)
             layer = end - 1
-            if layer in spec.exit_layers:
+            if spec.exit_lookahead and layer in exits:
+                if spec.kept[layer] > 0:
+                    logits, p_exit = self._run(exits[layer], state[0], start)
+                    if router_exits(float(p_exit[0]), spec.exit_threshold or 0.0):
+                        return logits, layer
+            elif layer in spec.exit_layers:
                 p_exit = float(state[-1][0])
                 state = state[:-1]
                 if spec.kept[layer] > 0 and router_exits(p_exit, spec.exit_threshold or 0.0):

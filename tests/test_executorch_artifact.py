@@ -275,3 +275,43 @@ def test_region_balanced_merged_recipe_runs_as_the_engine_does(model_dir, recipe
         assert ours.tokens == ref.tokens
         np.testing.assert_allclose(ours.first_logits, ref.first_logits.numpy(), atol=1e-4)
         assert ours.kept[0].per_layer == ref.kept[0].per_layer == [32, 16]
+
+
+def test_lookahead_exit_router_runs_as_the_engine_does(model_dir, recipe, images, tmp_path):
+    """exit.lookahead lowered: prefill_exit_0 runs before the decision and returns p(exit); a request that
+    stays runs layer 1 over the KV entries that run wrote, and may still exit at the last layer."""
+    import torch
+
+    from edge_prune.recipe import ExitSpec
+    from edge_prune.scoring import ExitRouter
+
+    sig = recipe.model
+    router = ExitRouter(sig.hidden_size, [0, 1], 8, lookahead=True)
+    router.reset_parameters(3)
+    with torch.no_grad():  # make the lookahead statistics matter
+        router.w1[:, 2 * sig.hidden_size:] *= 40
+    router.save(tmp_path / "router.safetensors", sig.num_layers)
+
+    def with_threshold(threshold: float) -> Recipe:
+        spec = ExitSpec("router.safetensors", [0, 1], threshold, 8, lookahead=True)
+        return Recipe.load(Recipe(model=sig, prune=recipe.prune, exit=spec).save(tmp_path / "recipe.json"))
+
+    def exits(r: Recipe) -> list:
+        out = PrunedEngine.load(model_dir, recipe=r).prefill(
+            PrunedEngine.load(model_dir).adapter.prepare(PROMPTS, images))
+        return [k.exit_layer for k in out.kept]
+
+    # the threshold that gives the most different decisions over the three prompts
+    chosen = max((t / 20 for t in range(1, 20)), key=lambda t: len(set(exits(with_threshold(t)))))
+    lookahead = with_threshold(chosen)
+    assert len(set(exits(lookahead))) >= 2
+    out = tmp_path / "lookahead"
+    convert(model_dir, lookahead, out, ConvertOptions(max_prompt_tokens=96, max_new_tokens=8, progress=False))
+    assert read_manifest(out).extra["program"]["exit_lookahead"] is True
+    session, engine = load(out), PrunedEngine.load(model_dir, recipe=lookahead)
+    for prompt, image in zip(PROMPTS, images):
+        ours = session.generate(image, prompt, max_new_tokens=6)
+        ref = engine.generate(prompt, image, max_new_tokens=6)
+        assert ours.kept[0].exit_layer == ref.kept[0].exit_layer
+        assert ours.tokens == ref.tokens
+        np.testing.assert_allclose(ours.first_logits, ref.first_logits.numpy(), atol=1e-4)

@@ -40,7 +40,13 @@ def _run_exported_modules(engine: PrunedEngine, prompt: str, image, boundaries: 
         for seg in segments:
             state = list(seg(*state, start))
             layer = seg.end - 1
-            if layer in spec.exit_layers:
+            if spec.exit_lookahead and layer in tails:  # the exit's own run gives the decision
+                if spec.kept[layer] > 0:
+                    exited, p_exit = tails[layer](state[0], start)
+                    if float(p_exit[0]) >= spec.exit_threshold:
+                        exit_layer, state = layer, [exited]
+                        break
+            elif layer in spec.exit_layers:
                 p_exit = float(state.pop()[0])
                 if spec.kept[layer] > 0 and p_exit >= spec.exit_threshold:
                     exit_layer = layer
@@ -175,6 +181,30 @@ def test_exit_router_decides_between_segments(adapter, images, tmp_path, thresho
     if threshold == 0.0:
         assert exits == [1, 1, 1]
     if threshold == 1.0:  # sigmoid of a small random router never reaches 1
+        assert exits == [None, None, None]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("layers", [[1, 2], [1, 3]])
+def test_lookahead_router_decides_from_the_exits_own_run(adapter, images, tmp_path, threshold, layers):
+    """prefill_exit_<l> runs before the decision and hands back p(exit); a request that stays then runs the
+    next segment over the KV entries that run wrote. Candidate 3 is the last layer: its segment decides."""
+    sig = adapter.signature()
+    router = ExitRouter(sig.hidden_size, layers, 8, lookahead=True)
+    router.reset_parameters(3)
+    with torch.no_grad():  # make the lookahead statistics matter
+        router.w1[:, 2 * sig.hidden_size:] *= 40
+    router.save(tmp_path / "router.safetensors", sig.num_layers)
+    recipe = Recipe(model=sig, prune=PruneSpec(scorer="fitprune", keep_after=[1.0, 0.5, 0.5, 0.5]),
+                    exit=ExitSpec("router.safetensors", layers, threshold, 8, lookahead=True))
+    recipe = Recipe.load(recipe.save(tmp_path / "recipe.json"))
+    assert cx.build_spec(adapter, recipe, cx.ConvertOptions()).exit_lookahead
+    exits = _check(PrunedEngine(adapter, recipe), images)
+    if threshold == 0.0:
+        assert exits == [1, 1, 1]
+    if threshold == 0.3:  # a request that stayed after running prefill_exit_1 exits at the second candidate
+        assert exits == [layers[1], None, None]
+    if threshold == 1.0:
         assert exits == [None, None, None]
 
 

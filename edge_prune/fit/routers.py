@@ -39,7 +39,7 @@ from edge_prune.fit.training import (TrainingInterrupted, all_reduce_sum, checkp
                                      forced_batch, load_checkpoint, micro_batches, mlp, pred_logits, save_checkpoint)
 from edge_prune.models.shapes import ModelShape
 from edge_prune.recipe import ExitSpec, Recipe
-from edge_prune.scoring import ExitRouter, router_parameters
+from edge_prune.scoring import LOOKAHEAD_STATISTICS, ExitRouter, lookahead_statistics, router_parameters
 
 ROUTER_BUDGET = 0.01  # router parameters <= 1% of the decoder's
 MAX_DEFAULT_RANK = 64
@@ -48,9 +48,9 @@ LOSS_RATIO = 1.03  # DyVTE: exited loss must stay below 1.03 x the normal loss
 LABEL_RULES = ("dyvte", "agreement")
 
 
-def check_router_budget(shape: ModelShape, layers: list[int], rank: int) -> int:
+def check_router_budget(shape: ModelShape, layers: list[int], rank: int, lookahead: bool = False) -> int:
     """Router parameters, or RecipeError when they exceed ROUTER_BUDGET of the decoder's."""
-    n = router_parameters(shape.hidden_size, len(layers), rank)
+    n = router_parameters(shape.hidden_size, len(layers), rank, lookahead)
     limit = ROUTER_BUDGET * decoder_parameters(shape)
     if n > limit:
         raise RecipeError(f"an exit router at rank {rank} on {len(layers)} layers has {n} parameters, over the "
@@ -59,10 +59,10 @@ def check_router_budget(shape: ModelShape, layers: list[int], rank: int) -> int:
     return n
 
 
-def default_router_rank(shape: ModelShape, layers: list[int]) -> int:
+def default_router_rank(shape: ModelShape, layers: list[int], lookahead: bool = False) -> int:
     rank = MAX_DEFAULT_RANK
-    while rank > 1 and router_parameters(shape.hidden_size, len(layers), rank) > ROUTER_BUDGET * decoder_parameters(
-            shape):
+    while rank > 1 and router_parameters(shape.hidden_size, len(layers), rank, lookahead) > (
+            ROUTER_BUDGET * decoder_parameters(shape)):
         rank //= 2
     return rank
 
@@ -83,6 +83,9 @@ class RouterConfig:
     # "dyvte": agreement and the loss rule above; "agreement": argmax agreement alone, the condition the
     # benchmark's accuracy depends on (a request whose answer does not change cannot lose accuracy)
     labels: str = "dyvte"
+    # the router also reads the answer an exit would give (recipe exit.lookahead): on the benchmark model
+    # it ranks requests within a question family better than the text states alone do
+    lookahead: bool = False
     train_steps: int = 300  # full-batch optimiser steps on the collected features
     lr: float = 1e-2
     # a few hundred samples overfit the router: at 1e-4 its logits grew past float32's sigmoid range, so
@@ -156,8 +159,8 @@ class RouterFitter:
                                   f"[0, {num_layers - 1}]")
         if not self.layers:
             raise RecipeError("no candidate exit layer: the base recipe keeps no visual tokens anywhere")
-        self.rank = config.rank or default_router_rank(self.shape, self.layers)
-        self.n_params = check_router_budget(self.shape, self.layers, self.rank)
+        self.rank = config.rank or default_router_rank(self.shape, self.layers, config.lookahead)
+        self.n_params = check_router_budget(self.shape, self.layers, self.rank, config.lookahead)
         n = len(calibration.samples)
         self.heldout = [i for i in range(n) if i % config.heldout_every == config.heldout_every - 1]
         self.train_ids = [i for i in range(n) if i % config.heldout_every != config.heldout_every - 1]
@@ -172,6 +175,11 @@ class RouterFitter:
                                    "config": asdict(config), "layers": self.layers, "rank": self.rank,
                                    "calibration": calibration.source, "n": n,
                                    "label_fields": [f.name for f in fields(ExitLabels)]})
+
+    @property
+    def feature_width(self) -> int:
+        """Router inputs per (sample, layer): DyVTE's two states, plus the lookahead statistics if asked."""
+        return 2 * self.sig.hidden_size + (LOOKAHEAD_STATISTICS if self.config.lookahead else 0)
 
     # ---- labels -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,8 +198,11 @@ class RouterFitter:
         def find_pred(w) -> torch.Tensor:
             return pred_table.gather(1, w.positions) & w.valid
 
+        # row of each sample's first pred position among the pred rows (pred rows are in sample order)
+        first_pred = torch.cumsum(fb.pred.sum(1), 0) - fb.pred.sum(1)
+
         c = len(self.layers)
-        feats = torch.zeros(bsz, c, 2 * self.sig.hidden_size, device=ws.hidden.device)
+        feats = torch.zeros(bsz, c, self.feature_width, device=ws.hidden.device)
         eligible = torch.zeros(bsz, c, dtype=torch.bool, device=ws.hidden.device)
         exit_logits: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
@@ -202,15 +213,12 @@ class RouterFitter:
             j = self.layers.index(i)
             text = ws.text_after & ws.valid
             last = ((ws.positions == last_pos[:, None]) & ws.valid).float().argmax(1)
-            feats[:, j] = ExitRouter.features(ws.hidden, text, ws.hidden[bidx, last]).float()
+            feats[:, j, :2 * self.sig.hidden_size] = ExitRouter.features(ws.hidden, text, ws.hidden[bidx, last]).float()
             eligible[:, j] = text.any(1) & (ws.visual & ws.valid).any(1)
-            branch = ws.select(ws.valid & ~ws.visual)
-            for k in range(i + 1, len(layers)):
-                if k not in engine.skip:
-                    out, _, _ = engine.attend(layers[k], branch)
-                    branch.hidden = branch.hidden + out
-                branch.hidden = mlp(layers[k], branch.hidden)
+            branch = engine.run_exited(ws.select(ws.valid & ~ws.visual), i)
             exit_logits.append(pred_logits(engine, branch.hidden, find_pred(branch)))
+            if self.config.lookahead:  # the first answer token's logits: what the last prompt token predicts
+                feats[:, j, 2 * self.sig.hidden_size:] = lookahead_statistics(exit_logits[-1][first_pred])
         normal = pred_logits(engine, ws.hidden, find_pred(ws))
         targets_t = torch.where(fb.targets < 0, normal.argmax(-1), fb.targets)
         rows = fb.pred.nonzero()[:, 0]  # pred positions are never dropped, so row order is kept
@@ -242,7 +250,7 @@ class RouterFitter:
 
     def collect(self, stop_after: int | None = None) -> ExitLabels:
         """Labels for every sample (this rank's share, summed over ranks); resumable per micro-batch."""
-        n, c, d2 = len(self.calibration.samples), len(self.layers), 2 * self.sig.hidden_size
+        n, c, d2 = len(self.calibration.samples), len(self.layers), self.feature_width
         dev = self.adapter.device
         feats = torch.zeros(n, c, d2, device=dev)
         labels = torch.zeros(n, c, device=dev)
@@ -306,7 +314,7 @@ class RouterFitter:
         benchmark comparing router designs); None trains a fresh ExitRouter seeded by the config."""
         cfg = self.config
         if router is None:
-            router = ExitRouter(self.sig.hidden_size, self.layers, self.rank)
+            router = ExitRouter(self.sig.hidden_size, self.layers, self.rank, cfg.lookahead)
             router.reset_parameters(cfg.seed)
         router.to(self.adapter.device)
         idx = torch.tensor(self.train_ids, device=self.adapter.device)
@@ -367,7 +375,7 @@ class RouterFitter:
     def _flops_per_exit(self, text_tokens: int) -> dict[Any, float]:
         out: dict[Any, float] = {}
         probe = Recipe(model=self.sig, prune=self.base.prune, skip_attention=list(self.base.skip_attention),
-                       exit=ExitSpec(ROUTER_FILE, self.layers, 0.5, self.rank))
+                       exit=ExitSpec(ROUTER_FILE, self.layers, 0.5, self.rank, lookahead=self.config.lookahead))
         for layer in [*self.layers, None]:
             report = estimate(self.shape, probe, text_tokens=text_tokens, exits={layer: 1.0}, weight_formats=())
             out[layer] = report.pruned_flops
@@ -386,7 +394,7 @@ class RouterFitter:
 
         recipe = Recipe(model=self.sig, prune=self.base.prune, skip_attention=list(self.base.skip_attention),
                         exit=ExitSpec(ROUTER_FILE, self.layers, threshold, self.rank,
-                                      [round(r, 6) for r in rates]),
+                                      [round(r, 6) for r in rates], lookahead=self.config.lookahead),
                         budget=self.base.budget)
         report = estimate(self.shape, recipe, text_tokens=text, weight_formats=())
         el = data.eligible
