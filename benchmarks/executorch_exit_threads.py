@@ -6,7 +6,8 @@ times, request by request and interleaved, the fp32 XNNPACK artifacts of
 - keep-all, in one prefill method and split into one method per decoder layer (no router): the bare
   price of segments;
 - the committed exit routers dyvte, dyvte-agree (candidates: every layer but the last) and
-  dyvte-agree-l13 (candidates 1 and 3 only: three segments instead of six);
+  dyvte-agree-l13 (candidates 1 and 3 only: three segments instead of six), and dyvte-lookahead (candidates
+  1-4, a lookahead router: prefill_exit_<l> runs at every candidate before the decision);
 at each thread count of ExecuTorch's threadpool (`edge_prune.runtimes.load(..., threads=N)`), in
 alternating blocks so that a drift of the host hits every count alike. Prefill speed-ups are over
 keep-all in the same block; per item: the mean over items of each item's median.
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parent
 MODEL = ROOT / "models" / "toyvqa-llava"
 RECIPES = ROOT / "recipes"
 RESULTS = ROOT / "results"
-ROUTERS = ["dyvte", "dyvte-agree", "dyvte-agree-l13"]
+ROUTERS = ["dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead"]
 
 
 def convert_all(model: Path, work: Path) -> dict[str, Path]:
