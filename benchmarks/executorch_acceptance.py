@@ -86,7 +86,7 @@ def recipes(model: Path, work: Path) -> dict[str, Path]:
         if not fastv.is_file():
             baseline_recipe(load_shape(model), "fastv", 0.6, text_tokens=24).save(fastv)
         out["fastv-60"] = fastv
-    for name in ("guides-90", "dyvte", "fitprune-60+dyvte", "dyvte-agree", "fitprune-60-r12-merge",
+    for name in ("guides-90", "dyvte", "fitprune-60+dyvte", "dyvte-agree", "dyvte-lookahead", "fitprune-60-r12-merge",
                  "guides-90-r8-merge"):
         path = RECIPES / name / "recipe.json"
         if path.is_file():
