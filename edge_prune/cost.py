@@ -65,7 +65,7 @@ from fractions import Fraction
 from typing import Any
 
 from edge_prune.models.shapes import ModelShape, llava_next_num_crops, llava_next_visual_tokens
-from edge_prune.recipe import ACCOUNTINGS, Recipe
+from edge_prune.recipe import ACCOUNTINGS, Recipe, router_inputs
 
 DEFAULT_TEXT_TOKENS = 64
 DEFAULT_KV_DTYPE = "fp16"
@@ -298,12 +298,11 @@ def _module_macs(shape: ModelShape, recipe: Recipe, text_tokens: int, n_visual: 
     e = recipe.exit
     if e is not None:
         plain = token_schedule(shape, recipe, text_tokens, n_visual)
-        inputs = 2 * d + (3 if e.lookahead else 0)
         for layer in e.layers:
             if exit_layer is not None and layer > exit_layer:
                 break
             if plain.visual_out[layer] > 0 and text_tokens > 0:  # evaluated while visual tokens remain
-                router += inputs * e.rank + 2 * e.rank
+                router += router_inputs(d, e.lookahead) * e.rank + 2 * e.rank
                 if e.lookahead and layer != exit_layer:
                     router += _text_only_rest_macs(shape, layer, text_tokens, plain.skip_attention)
     return guides, router

@@ -143,7 +143,7 @@ class PrunedEngine:
         if e is not None:
             self.router = router if router is not None else ExitRouter.load(recipe.resolve(e.router), signature,
                                                                            e.layers, e.rank, e.lookahead)
-            if self.router.lookahead != e.lookahead:
+            if router is not None and router.lookahead != e.lookahead:  # a loaded file is checked by load()
                 raise RecipeError(f"the exit router passed in {'reads' if self.router.lookahead else 'does not read'} "
                                   f"the lookahead statistics, but the recipe's 'exit.lookahead' is {e.lookahead}")
             self.router.to(adapter.device).eval()

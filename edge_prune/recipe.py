@@ -93,6 +93,16 @@ class ExitSpec:
     lookahead: bool = False
 
 
+# the statistics a lookahead router reads beside DyVTE's two states (ExitSpec.lookahead): the exited
+# answer's top probability, top-two margin and normalised entropy (scoring.lookahead_statistics)
+LOOKAHEAD_STATISTICS = 3
+
+
+def router_inputs(hidden_size: int, lookahead: bool) -> int:
+    """Width of an exit router's input: DyVTE's two states, plus the lookahead statistics."""
+    return 2 * hidden_size + (LOOKAHEAD_STATISTICS if lookahead else 0)
+
+
 def router_exits(prob, threshold: float):
     """Whether a router probability (float or tensor) passes an exit threshold. A threshold of 1.0 never
     passes: a float32 sigmoid reads exactly 1.0 from logits above ~17, so `prob >= 1.0` would exit the

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from edge_prune.errors import RecipeError
-from edge_prune.recipe import ModelSignature
+from edge_prune.recipe import ModelSignature, router_inputs
 
 DEFAULT_CHUNK = 64
 
@@ -321,7 +321,6 @@ class GuideSet(torch.nn.Module):
         return module
 
 
-LOOKAHEAD_STATISTICS = 3
 # the lookahead statistics lie in [0, 1]; the RMS-normalised states beside them have entries of order 1,
 # and at scale 1 the router's first layer barely used them (lab, benchmark model: 33.3% against 35.5% fewer
 # held-out FLOPs at scale 3 and 35.6% at 10, at the same held-out risk)
@@ -349,7 +348,7 @@ class ExitRouter(torch.nn.Module):
     def __init__(self, hidden_size: int, layers: list[int], rank: int, lookahead: bool = False):
         super().__init__()
         self.hidden_size, self.layers, self.rank, self.lookahead = hidden_size, list(layers), rank, lookahead
-        self.inputs = 2 * hidden_size + (LOOKAHEAD_STATISTICS if lookahead else 0)
+        self.inputs = router_inputs(hidden_size, lookahead)
         self.w1 = torch.nn.Parameter(torch.empty(rank, self.inputs))
         self.b1 = torch.nn.Parameter(torch.zeros(rank))
         self.layer_embed = torch.nn.Parameter(torch.zeros(len(layers), rank))
@@ -415,8 +414,7 @@ def guide_parameters(hidden_size: int, n_layers: int, rank: int) -> int:
 
 
 def router_parameters(hidden_size: int, n_layers: int, rank: int, lookahead: bool = False) -> int:
-    inputs = 2 * hidden_size + (LOOKAHEAD_STATISTICS if lookahead else 0)
-    return inputs * rank + 2 * rank + n_layers * (rank + 1)
+    return router_inputs(hidden_size, lookahead) * rank + 2 * rank + n_layers * (rank + 1)
 
 
 def _save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:

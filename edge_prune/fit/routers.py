@@ -38,8 +38,8 @@ from edge_prune.fit.distributed import Dist
 from edge_prune.fit.training import (TrainingInterrupted, all_reduce_sum, checkpoint_path, fingerprint,
                                      forced_batch, load_checkpoint, micro_batches, mlp, pred_logits, save_checkpoint)
 from edge_prune.models.shapes import ModelShape
-from edge_prune.recipe import ExitSpec, Recipe
-from edge_prune.scoring import LOOKAHEAD_STATISTICS, ExitRouter, lookahead_statistics, router_parameters
+from edge_prune.recipe import ExitSpec, Recipe, router_inputs
+from edge_prune.scoring import ExitRouter, lookahead_statistics, router_parameters
 
 ROUTER_BUDGET = 0.01  # router parameters <= 1% of the decoder's
 MAX_DEFAULT_RANK = 64
@@ -179,7 +179,7 @@ class RouterFitter:
     @property
     def feature_width(self) -> int:
         """Router inputs per (sample, layer): DyVTE's two states, plus the lookahead statistics if asked."""
-        return 2 * self.sig.hidden_size + (LOOKAHEAD_STATISTICS if self.config.lookahead else 0)
+        return router_inputs(self.sig.hidden_size, self.config.lookahead)
 
     # ---- labels -------------------------------------------------------------------------------------
     @torch.no_grad()
