@@ -2,7 +2,8 @@
 
 Fits every recipe into benchmarks/recipes/NAME/ (guides-90, the baselines at the guides' FLOPs,
 dyvte, fitprune-60, fitprune-60+dyvte, guides-90+dyvte, and the same three routers with agreement
-labels, `--exit-labels agreement`: dyvte-agree, ...), evaluates each on the test split with
+labels, `--exit-labels agreement`: dyvte-agree, ..., lookahead routers and frozen exits: dyvte-lookahead,
+dyvte-frozen, ...), evaluates each on the test split with
 edge_prune.bench.evaluate, and writes benchmarks/results/guides_exits.{md,json} and the plots of
 exit layers per question family (guides_exits_exit_layers.png; _agree.png for dyvte-agree). Every
 finished fit and evaluation is stored at once, so an interrupted run continues where it stopped.
@@ -45,6 +46,11 @@ RESULTS = ROOT / "results"
 FITPRUNE_60 = 0.6
 TRAIN_LIMIT_S = 30 * 60  # each kind of module must train in <= 30 min on 2 cores
 LOOKAHEAD_LAYERS = [1, 2, 3, 4]  # candidate exit layers of the lookahead routers
+# Frozen-exit routers (`edge-prune fit --frozen-exit`): a wrong frozen exit usually costs its answer, so
+# the held-out risk is held to the 0.5-point allowance itself, on 5,120 samples (1,280 held out)
+FROZEN_N = 5120
+FROZEN_MAX_RISK = 0.005
+FROZEN_LAYERS = [1, 2, 3, 4]
 LONG_STEPS = 1800  # guide steps of the r12 row: 1,126 s on 2 cores when measured, inside that limit
 
 
@@ -124,16 +130,19 @@ class Bench:
         return result.recipe
 
     def fit_router(self, base: Path | None, labels: str = "dyvte", layers: list[int] | None = None,
-                   lookahead: bool = False) -> Callable[[Path], Recipe]:
+                   lookahead: bool = False, frozen: bool = False) -> Callable[[Path], Recipe]:
         """`layers`: candidate exit layers (None: the fit's default, every layer but the last); `lookahead`:
-        the router also reads the answer an exit would give (`edge-prune fit --lookahead`)."""
+        the router also reads the answer an exit would give (`edge-prune fit --lookahead`); `frozen`:
+        exits keep the visual tokens as frozen keys and values (`--frozen-exit`, FROZEN_N samples and
+        FROZEN_MAX_RISK)."""
         def fit(path: Path) -> Recipe:
             a = self.args
             base_recipe = Recipe.load(base) if base is not None else None
             engine = PrunedEngine(self.engine.adapter, base_recipe)
-            data = load_calibration("bench:train", a.router_n if labels == "dyvte" else a.router_n_agree)
-            config = RouterConfig(max_risk=a.max_risk, micro_batch=8, labels=labels, layers=layers,
-                                  lookahead=lookahead)
+            n = FROZEN_N if frozen else a.router_n if labels == "dyvte" else a.router_n_agree
+            data = load_calibration("bench:train", n)
+            config = RouterConfig(max_risk=FROZEN_MAX_RISK if frozen else a.max_risk, micro_batch=8, labels=labels,
+                                  layers=layers, lookahead=lookahead, frozen=frozen)
             fitter = RouterFitter(engine, data, config, work_dir=path.parent)
             result = fitter.fit()
             fitter.save(result, path)
@@ -234,6 +243,13 @@ class Bench:
                             RECIPES / "guides-90-r8-merge-trained" / "recipe.json")):
             self.evaluated(name, self.fitted(name, self.fit_router(base, labels="agreement", layers=LOOKAHEAD_LAYERS,
                                                                    lookahead=True)))
+        # Frozen exits: the exited request's visual tokens stay as keys and values (CALM-style), so later
+        # layers still read the image; candidates 1-4 by the held-out prediction (README)
+        for name, base in (("dyvte-frozen", None), ("fitprune-60-r12-merge+dyvte-frozen", merged60),
+                           ("guides-90-r8-merge-trained+dyvte-frozen",
+                            RECIPES / "guides-90-r8-merge-trained" / "recipe.json")):
+            self.evaluated(name, self.fitted(name, self.fit_router(base, labels="agreement", layers=FROZEN_LAYERS,
+                                                                   frozen=True)))
 
     @staticmethod
     def reuse_or(fit: Callable[[Path], Recipe]) -> Callable[[Path], Recipe]:
@@ -243,14 +259,16 @@ class Bench:
 
 # ---- report -------------------------------------------------------------------------------------------
 EXIT_PLOTS = {"dyvte": "guides_exits_exit_layers.png", "dyvte-agree": "guides_exits_exit_layers_agree.png",
-              "dyvte-lookahead": "guides_exits_exit_layers_lookahead.png"}
+              "dyvte-lookahead": "guides_exits_exit_layers_lookahead.png",
+              "dyvte-frozen": "guides_exits_exit_layers_frozen.png"}
 ORDER = ["unpruned", "guides-90", "guides-90-merge", "guides-90-r8-merge", "guides-90-r8-merge-trained",
          "guides-90-r12-merge-trained", "guide-schedule-fitprune-score-r8-merge",
          "fitprune-eq", "fitprune-eq-r12-merge",
          "fastv-eq", "random-eq", "pool-eq", "dyvte", "fitprune-60",
          "fitprune-60+dyvte", "guides-90+dyvte", "dyvte-agree", "fitprune-60+dyvte-agree", "guides-90+dyvte-agree",
          "dyvte-agree-l13", "fitprune-60-r12-merge", "fitprune-60-r12-merge+dyvte-agree", "guides-90-r8-merge+dyvte-agree",
-         "dyvte-lookahead", "fitprune-60-r12-merge+dyvte-lookahead", "guides-90-r8-merge-trained+dyvte-lookahead"]
+         "dyvte-lookahead", "fitprune-60-r12-merge+dyvte-lookahead", "guides-90-r8-merge-trained+dyvte-lookahead",
+         "dyvte-frozen", "fitprune-60-r12-merge+dyvte-frozen", "guides-90-r8-merge-trained+dyvte-frozen"]
 
 
 def training_seconds(name: str) -> float | None:
@@ -338,7 +356,7 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]
                             f"({o['flops_reduction']:.1%} fewer FLOPs); position {g['per_family']['position']:.1%} vs "
                             f"{o['per_family']['position']:.1%}",
                             g["accuracy"] > o["accuracy"] and g["per_family"]["position"] >= o["per_family"]["position"]))
-    for name in ("dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead"):
+    for name in ("dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead", "dyvte-frozen"):
         d = rows.get(name)
         if base and d:
             drop = (base["accuracy"] - d["accuracy"]) * 100
@@ -347,7 +365,7 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None]]
         else:
             out.append((f"{name}: >= 40% mean prefill-FLOPs reduction with <= 0.5 pt drop", None))
     for name in ("guides-90", "guides-90-r8-merge-trained", "guides-90-r12-merge-trained", "dyvte", "guides-90+dyvte",
-                 "fitprune-60+dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead"):
+                 "fitprune-60+dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead", "dyvte-frozen"):
         s = training_seconds(name)
         if s is not None:
             out.append((f"{name}: module training {s:.0f} s (<= {TRAIN_LIMIT_S} s)", s <= TRAIN_LIMIT_S))

@@ -118,7 +118,7 @@ class ConvertResult:
 
 # ---- the exported modules ---------------------------------------------------------------------
 class KVCache(nn.Module):
-    """Per-layer key/value buffers; layer i holds seen[i] visual slots, then text slots."""
+    """Per-layer key/value buffers; layer i holds spec.slots[i] visual slots, then text slots."""
 
     def __init__(self, seen: list[int], text_capacity: int, skip: set[int], kv_heads: int, head_dim: int,
                  dtype: torch.dtype, merge: bool = False):
@@ -174,7 +174,7 @@ class DecoderParts(nn.Module):
         else:  # a decoder family with another RoPE layout: its own helper, slices and all
             self.rotate_half = None
         self.register_buffer("sum_weight", torch.ones(1, d, dtype=torch.float32), persistent=False)
-        self.cache = KVCache(spec.seen, spec.text_capacity, self.skip, self.kv_heads, self.head_dim,
+        self.cache = KVCache(spec.slots, spec.text_capacity, self.skip, self.kv_heads, self.head_dim,
                              adapter.embed_tokens.weight.dtype, spec.merge)
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,14 +286,16 @@ class DecoderParts(nn.Module):
         g = self.heads // self.kv_heads
         return torch.cat([torch.bmm(p_h.to(v.dtype), v[:, h // g]) for h, p_h in enumerate(probs)], dim=-1)
 
-    def causal_bias(self, pos: torch.Tensor, dtype: torch.dtype, groups: int) -> torch.Tensor:
-        """Additive mask [groups*Q, K] of the prefill from positions `pos` [Q] (keys = queries): 0 where
-        a key's original position is not later than the query's, the float minimum elsewhere; row
-        g*Q + j is query j. Arithmetic on float positions (exact integers below 2^24), which the delegate
-        runs, where comparing them and converting the [Q, K] booleans were portable kernels, again
-        after every drop."""
+    def causal_bias(self, pos: torch.Tensor, dtype: torch.dtype, groups: int,
+                    key_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Additive mask [groups*Q, K] of the prefill from positions `pos` [Q] (keys = queries, or at
+        `key_pos` [K]): 0 where a key's original position is not later than the query's, the float
+        minimum elsewhere; row g*Q + j is query j. Arithmetic on float positions (exact integers below
+        2^24), which the delegate runs, where comparing them and converting the [Q, K] booleans were
+        portable kernels, again after every drop."""
         positions = pos.float()
-        later = (positions[None, :] - positions.repeat(groups)[:, None]).clamp(0, 1)  # 1 where the key is later
+        keys = positions if key_pos is None else key_pos.float()
+        later = (keys[None, :] - positions.repeat(groups)[:, None]).clamp(0, 1)  # 1 where the key is later
         bias = later * torch.finfo(dtype).min
         return bias if dtype == torch.float32 else bias.to(dtype)
 
@@ -360,9 +362,16 @@ class Prefill(nn.Module):
         p, spec = self.parts, self.parts.spec
         first, last = self.start == 0, self.end == spec.num_layers
         n_in = spec.input_visual_tokens
+        x_frz = pos_frz = size_frz = None  # a frozen exit's visual tokens: keys and values only
         if self.mode == "text":
             (x_text,) = args
             image_start, n_in = torch.zeros(1, dtype=torch.long), 0
+        elif self.mode == "exited" and spec.exit_frozen:
+            if p.merge:
+                x_text, x_frz, pos_frz, size_frz, image_start = args
+            else:
+                x_text, x_frz, pos_frz, image_start = args
+                size_frz = torch.ones(1, x_frz.shape[1])
         elif self.mode == "exited":
             x_text, image_start = args
         elif first:
@@ -390,6 +399,8 @@ class Prefill(nn.Module):
         pos = torch.cat([pos_vis, pos_text], dim=1)
         bias = rope = None  # the causal mask and RoPE tables: the same until tokens are dropped
         key_bias: torch.Tensor | float = 0.0  # merged keys' log sizes (merging programs)
+        frozen_ctx = None if x_frz is None else self._frozen_context(x_frz, pos_frz, size_frz, pos, x.dtype)
+        x_vis_pre = None  # the visual states before the last layer's MLP: what a frozen exit after it keeps
         for i in range(self.start, self.end):
             n_vis = x.shape[1] - t
             layer = p.layers[i]
@@ -400,6 +411,11 @@ class Prefill(nn.Module):
                     key_bias = p.key_bias(size_vis, t, x.dtype)[None] if p.merge and n_vis else 0.0
                     bias, rope = p.causal_bias(pos[0], x.dtype, p.heads // p.kv_heads) + key_bias, p.rope(x, pos)
                 q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, x), rope)
+                if frozen_ctx is not None:  # exited: text queries over the frozen keys and their own
+                    self._write_cache(i, k, v, n_vis, size_vis)
+                    x = x + layer.self_attn.o_proj(self._attend_frozen(i, frozen_ctx, q, k, v, bias))
+                    x = x + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x))
+                    continue
                 self._write_cache(i, k, v, n_vis, size_vis)
                 if target < n_vis and p.scorer == "fitprune":
                     # FitPrune reduces each head's probabilities (see head_probs): attend with those
@@ -422,19 +438,54 @@ class Prefill(nn.Module):
                 x = torch.cat([x_vis, x[:, n_vis:]], dim=1)
                 pos = torch.cat([pos[:, :n_vis].index_select(1, kept), pos[:, n_vis:]], dim=1)
                 bias = rope = None
+            if i == self.end - 1:
+                x_vis_pre = x[:, :x.shape[1] - t]
             x = x + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x))
         n_vis = x.shape[1] - t
         extra: tuple[torch.Tensor, ...] = ()
         logits = p.logits(x[:, -1]) if last else None  # the prompt ends in text (the runtime checks)
         candidate = self.end - 1 in spec.exit_layers
+        if self.mode == "image" and candidate and spec.exit_frozen and not last:
+            extra = (x_vis_pre,)
         if self.mode == "image" and candidate and (not spec.exit_lookahead or last):
-            extra = (self._exit_probability(self.end - 1, x[:, n_vis:], after, logits),)
+            extra = (*extra, self._exit_probability(self.end - 1, x[:, n_vis:], after, logits))
         elif self.mode == "exited" and spec.exit_lookahead:
             extra = (self._exit_probability(self.start - 1, x_text_in, after, logits),)
         if logits is not None:
             return (logits, *extra)
         sizes = (size_vis,) if p.merge else ()
         return (x[:, n_vis:], x[:, :n_vis], pos[:, :n_vis], *sizes, *extra)
+
+    def _frozen_context(self, x_frz: torch.Tensor, pos_frz: torch.Tensor, size_frz: torch.Tensor,
+                        pos_text: torch.Tensor, dtype: torch.dtype):
+        """What every layer of an exited frozen program reuses: the frozen states, their RoPE tables, and
+        the text queries' additive mask over them (later positions hidden, merged sizes' log added)."""
+        p = self.parts
+        groups = p.heads // p.kv_heads
+        bias = p.causal_bias(pos_text[0], dtype, groups, key_pos=pos_frz[0])
+        if p.merge:
+            bias = bias + size_frz[0].clamp(min=1).log().to(dtype)[None]
+        return x_frz, p.rope(x_frz, pos_frz), bias, size_frz
+
+    def _attend_frozen(self, i: int, ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+        """Layer i's attention output for the text queries q over [frozen keys ; text keys]; the frozen
+        tokens' keys and values are computed here from their frozen states and written to the cache."""
+        p = self.parts
+        x_frz, rope_frz, bias_frz, size_frz = ctx
+        _, kf, vf = p.qkv(i, p.rms_norm(p.layers[i].input_layernorm, x_frz), rope_frz)
+        self._write_frozen(i, kf, vf, size_frz)
+        probs = p.attention_probs(q, torch.cat([kf, k], dim=2), torch.cat([bias_frz, bias], dim=1))
+        return p.attend(probs, torch.cat([vf, v], dim=2))
+
+    def _write_frozen(self, i: int, kf: torch.Tensor, vf: torch.Tensor, size_frz: torch.Tensor) -> None:
+        """A frozen exit's visual keys and values go to the layer's first visual slots."""
+        kc, vc = self.parts.cache.kv(i)
+        n = kf.shape[2]
+        kc[:, :, :n] = kf
+        vc[:, :, :n] = vf
+        if self.parts.merge:
+            self.parts.cache.key_bias(i)[:, :n] = size_frz.clamp(min=1).log().to(kc.dtype)
 
     def _exit_probability(self, layer: int, x_text: torch.Tensor, after: torch.Tensor,
                           exit_logits: torch.Tensor | None) -> torch.Tensor:
@@ -464,9 +515,15 @@ class Prefill(nn.Module):
         A slice assignment lowers to `slice_scatter`, a row copy; the same write through an index
         tensor was the portable `index_put`, element by element: 26 of the keep-all prefill's 61 ms."""
         kc, vc = self.parts.cache.kv(i)
-        start = self.parts.spec.seen[i] - n_vis  # static: 0 with the image, seen[i] for text-only segments
-        kc[:, :, start:start + k.shape[2]] = k
-        vc[:, :, start:start + v.shape[2]] = v
+        slots = self.parts.spec.slots[i]
+        if n_vis in (0, slots):  # one slice: the visual keys fill their slots, or there are none
+            start = slots - n_vis  # static: 0 with the image, slots[i] for text-only segments
+            kc[:, :, start:start + k.shape[2]] = k
+            vc[:, :, start:start + v.shape[2]] = v
+        else:  # fewer visual keys than slots (room left for a frozen exit's): text after the slots
+            kc[:, :, :n_vis], vc[:, :, :n_vis] = k[:, :, :n_vis], v[:, :, :n_vis]
+            kc[:, :, slots:slots + k.shape[2] - n_vis] = k[:, :, n_vis:]
+            vc[:, :, slots:slots + v.shape[2] - n_vis] = v[:, :, n_vis:]
         if self.parts.merge and n_vis:
             self.parts.cache.key_bias(i)[:, :n_vis] = size_vis.clamp(min=1).log().to(kc.dtype)
 
@@ -660,7 +717,7 @@ class Decode(nn.Module):
         for i, layer in enumerate(p.layers):
             if i not in p.skip:
                 kc, vc = p.cache.kv(i)
-                seen = spec.seen[i]
+                seen = spec.slots[i]  # the text slots start after the visual ones
                 slot = seen + text_len
                 q, k, v = p.qkv(i, p.rms_norm(layer.input_layernorm, h), rope)
                 # Attend over [cache ; new key] and write the cache on the side, so the cache update is not
@@ -724,6 +781,9 @@ def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> Program
     after_exits = {layer + 1 for layer in exit_layers if layer + 1 < shape.num_layers}
     cuts = sorted(set(options.segment_boundaries) | after_exits)
     bounds = [0, *cuts, shape.num_layers]
+    frozen = recipe.exit is not None and recipe.exit.frozen
+    # a frozen exit after l leaves kept[l] visual keys in every later layer's cache
+    slots = [max([s, *(kept[layer] for layer in exit_layers if layer < i)]) for i, s in enumerate(seen)] if frozen else []
     tok = adapter.processor.tokenizer
     eos = sorted(adapter.eos_token_ids)
     return ProgramSpec(
@@ -746,6 +806,8 @@ def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> Program
         exit_layers=exit_layers,
         exit_threshold=recipe.exit.threshold if recipe.exit is not None else None,
         exit_lookahead=recipe.exit is not None and recipe.exit.lookahead,
+        exit_frozen=frozen,
+        visual_slots=slots if slots != seen else [],
         regions=recipe.prune.regions,
         merge=recipe.prune.merge,
     )
@@ -923,8 +985,14 @@ def _examples(spec: ProgramSpec, adapter: Any) -> dict[str, tuple[tuple[Any, ...
         DECODE: ((torch.tensor([[1]]), torch.tensor([t_example]), torch.tensor([t_example]),
                   torch.tensor(spec.seen, dtype=torch.long)), None),
     }
-    for name in exit_method_names(spec).values():
-        out[name] = ((text_embeds, start), ({1: text}, None))
+    for layer, name in exit_method_names(spec).items():
+        if spec.exit_frozen:  # (x_text, x_frozen, pos_frozen[, size_frozen], image_start)
+            n = spec.kept[layer]
+            sizes = (torch.ones(1, n),) if spec.merge else ()
+            out[name] = ((text_embeds, torch.randn(1, n, d, dtype=dtype), torch.arange(n)[None] + 3, *sizes, start),
+                         ({1: text}, None, None, *(None,) * len(sizes), None))
+        else:
+            out[name] = ((text_embeds, start), ({1: text}, None))
     for k, (a, b) in enumerate(spec.prefill_segments):
         name = prefill_method_names(spec)[k]
         if a == 0:

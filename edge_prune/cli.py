@@ -174,8 +174,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if args.quant not in QUANT_FORMATS:
         raise InputError(f"unknown --quant {args.quant!r}; expected one of {', '.join(QUANT_FORMATS)}")
-    if args.lookahead and args.method != "dyvte":
-        raise InputError("--lookahead is an exit-router option; use it with --method dyvte")
+    for option, given in (("--lookahead", args.lookahead), ("--frozen-exit", args.frozen_exit)):
+        if given and args.method != "dyvte":
+            raise InputError(f"{option} is an exit-router option; use it with --method dyvte")
     if args.method in ("lvpruning", "dyvte"):
         from edge_prune.fit.commands import fit_learned
 
@@ -405,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookahead", action="store_true",
                    help="dyvte: the router also reads the answer an exit would give (the rest of the decoder run "
                         "text-only at each candidate; counted in the FLOPs where the request does not exit)")
+    p.add_argument("--frozen-exit", action="store_true",
+                   help="dyvte: an exiting request keeps its visual tokens as frozen keys and values (CALM-style; "
+                        "later layers compute only their keys and values) instead of removing them (DyVTE)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="accuracy per family, FLOPs and prefill time on the synthetic benchmark")

@@ -40,6 +40,11 @@ Learned modules (exact accounting only; the paper accountings print no term for 
     text-only and the lm_head on the last position, to read the answer an exit would give: at the exit
     layer that run is the request's rest of prefill (the schedule already counts it), at every other
     candidate it is thrown away and counted here, causal attention over the text tokens included.
+Frozen exits (recipe `exit.frozen`): the visual tokens present at the exit stay as keys and values; every
+later layer projects their keys and values (n_f d 2 kv_dim) and the text tokens' queries score them
+(2 q_dim n_t n_f, QK^T and AV). Later KV caches hold them, so decode attends to them too. In the paper
+accountings: 2 n_f d^2 for the projections and 2 n n_f d for the scores, n being that accounting's
+query count.
 Merging (recipe `prune.merge`, exact accounting only): at each layer that drops visual tokens, n_drop
 dropped and n_keep kept: n_drop n_keep d multiply-adds for the cosine similarities and n_drop d for the
 weighted sums of the dropped states (edge_prune.merging).
@@ -121,6 +126,9 @@ class TokenSchedule:
     visual_in: tuple[int, ...]  # visual tokens entering layer i (its attention part sees them)
     visual_out: tuple[int, ...]  # visual tokens after layer i's attention (its MLP and later layers)
     skip_attention: frozenset[int] = frozenset()
+    # frozen visual tokens layer i's attention reads as keys and values only (an exit with recipe
+    # exit.frozen); empty: none anywhere
+    frozen: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -132,9 +140,13 @@ class TokenSchedule:
     def mlp_tokens(self, layer: int) -> int:
         return self.text_tokens + self.visual_out[layer]
 
+    def frozen_tokens(self, layer: int) -> int:
+        return self.frozen[layer] if self.frozen else 0
+
     def cache_lengths(self) -> list[int]:
         """Tokens held in each layer's KV cache after prefill (0 where attention is skipped)."""
-        return [0 if i in self.skip_attention else self.attention_tokens(i) for i in range(self.num_layers)]
+        return [0 if i in self.skip_attention else self.attention_tokens(i) + self.frozen_tokens(i)
+                for i in range(self.num_layers)]
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per layer for reports: attention-in, MLP and KV-cache token counts (text included)."""
@@ -171,8 +183,12 @@ def token_schedule(
         if not 0 <= exit_layer < full.num_layers:
             raise ValueError(f"exit_layer {exit_layer} is not a decoder layer (0..{full.num_layers - 1})")
         out = tuple(0 if i >= exit_layer else c for i, c in enumerate(full.visual_out))
+        frozen: tuple[int, ...] = ()
+        if isinstance(pruning, Recipe) and pruning.exit is not None and pruning.exit.frozen:
+            # the tokens present at the exit stay as keys and values of every later layer
+            frozen = tuple(full.visual_out[exit_layer] if i > exit_layer else 0 for i in range(full.num_layers))
         return TokenSchedule(full.text_tokens, full.visual_tokens, (full.visual_in[0], *out[:-1]), out,
-                             full.skip_attention)
+                             full.skip_attention, frozen)
     if not isinstance(text_tokens, int) or isinstance(text_tokens, bool) or text_tokens < 0:
         raise ValueError(f"text_tokens must be a non-negative integer, got {text_tokens!r}")
     n_visual = shape.num_visual_tokens if visual_tokens is None else visual_tokens
@@ -245,8 +261,9 @@ def prefill_breakdown(
         parts["projector"] = crops * shape.num_visual_tokens * per_token
         for i in active:
             projections, scores = _attention_macs(shape, sched.attention_tokens(i))
-            parts["attention_projections"] += projections
-            parts["attention_scores"] += scores
+            frozen_projections, frozen_scores = _frozen_macs(shape, sched.frozen_tokens(i), sched.text_tokens)
+            parts["attention_projections"] += projections + frozen_projections
+            parts["attention_scores"] += scores + frozen_scores
         parts["mlp"] = sum(_mlp_macs(shape, sched.mlp_tokens(i)) for i in range(sched.num_layers))
         parts["lm_head"] = d * shape.vocab_size
         if isinstance(pruning, Recipe):
@@ -260,8 +277,9 @@ def prefill_breakdown(
     n_in = [sched.visual_in[i] if visual_only else sched.attention_tokens(i) for i in range(sched.num_layers)]
     n_out = [sched.visual_out[i] if visual_only else sched.mlp_tokens(i) for i in range(sched.num_layers)]
     for i in active:
-        parts["attention_projections"] += 4 * n_in[i] * d * d
-        parts["attention_scores"] += 2 * n_in[i] * n_in[i] * d
+        frozen = sched.frozen_tokens(i)  # keys and values only, scored by the layer's counted queries
+        parts["attention_projections"] += 4 * n_in[i] * d * d + 2 * frozen * d * d
+        parts["attention_scores"] += 2 * n_in[i] * n_in[i] * d + 2 * n_in[i] * frozen * d
     parts["mlp"] = sum(mlp_mats * n * d * m for n in n_out)
     return parts
 
@@ -270,6 +288,15 @@ def _attention_macs(shape: ModelShape, n: int) -> tuple[int, int]:
     """Multiply-adds of one layer's attention over n tokens: (q/k/v/o projections, causal scores)."""
     proj_width = 2 * shape.q_dim + 2 * shape.kv_dim  # q and o use q_dim, k and v use kv_dim
     return n * shape.hidden_size * proj_width, shape.q_dim * n * (n + 1)  # QK^T + AV, causal n(n+1)/2 each
+
+
+def _frozen_macs(shape: ModelShape, frozen: int, text_tokens: int) -> tuple[int, int]:
+    """Multiply-adds of one layer for `frozen` frozen visual tokens (recipe exit.frozen): their key and value
+    projections, and the text tokens' queries scoring them (QK^T and AV). Only an exited request has
+    frozen tokens and it has no visual tokens left, so its only queries are its text tokens; all of them
+    are counted against every frozen key (exact when the image comes before the text, as in LLaVA's
+    layout; an upper bound otherwise)."""
+    return frozen * shape.hidden_size * 2 * shape.kv_dim, 2 * shape.q_dim * text_tokens * frozen
 
 
 def _mlp_macs(shape: ModelShape, n: int) -> int:
@@ -304,17 +331,20 @@ def _module_macs(shape: ModelShape, recipe: Recipe, text_tokens: int, n_visual: 
             if plain.visual_out[layer] > 0 and text_tokens > 0:  # evaluated while visual tokens remain
                 router += router_inputs(d, e.lookahead) * e.rank + 2 * e.rank
                 if e.lookahead and layer != exit_layer:
-                    router += _text_only_rest_macs(shape, layer, text_tokens, plain.skip_attention)
+                    frozen = plain.visual_out[layer] if e.frozen else 0
+                    router += _text_only_rest_macs(shape, layer, text_tokens, plain.skip_attention, frozen)
     return guides, router
 
 
-def _text_only_rest_macs(shape: ModelShape, after_layer: int, text_tokens: int, skip: frozenset[int]) -> int:
-    """Multiply-adds of the decoder's layers after `after_layer` over the text tokens alone, and the lm_head
-    on the last position: the run a lookahead router reads at a candidate layer."""
+def _text_only_rest_macs(shape: ModelShape, after_layer: int, text_tokens: int, skip: frozenset[int],
+                         frozen: int = 0) -> int:
+    """Multiply-adds of the decoder's layers after `after_layer` over the text tokens alone (attending to
+    `frozen` frozen visual tokens with recipe exit.frozen), and the lm_head on the last position: the run a
+    lookahead router reads at a candidate layer."""
     macs = shape.hidden_size * shape.vocab_size
     for i in range(after_layer + 1, shape.num_layers):
         if i not in skip:
-            macs += sum(_attention_macs(shape, text_tokens))
+            macs += sum(_attention_macs(shape, text_tokens)) + sum(_frozen_macs(shape, frozen, text_tokens))
         macs += _mlp_macs(shape, text_tokens)
     return macs
 

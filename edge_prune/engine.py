@@ -7,7 +7,9 @@ Kept tokens keep their original position ids. Text tokens are never dropped.
 
 A recipe may carry learned modules (beside recipe.json): guides (scorer "guide") rank visual tokens
 from the question's text; an exit router decides per request, after a candidate layer l, to drop
-all of that request's visual tokens (its keep_after becomes 0 from layer l on).
+all of that request's visual tokens (its keep_after becomes 0 from layer l on); with recipe exit.frozen
+they stay as keys and values at their states when they left (FrozenTokens), and nothing else is computed
+for them.
 
 Internally every sample's tokens are packed to the left of a [B, T] working set (padding
 removed, order kept), with an explicit validity mask and explicit position ids, so samples of
@@ -70,6 +72,7 @@ class WorkingSet:
     text_after: torch.Tensor  # [B, T] text tokens after the image
     image_start: torch.Tensor | None = None  # [B] position of the image's first token (region-balanced drops)
     size: torch.Tensor | None = None  # [B, T] tokens each entry stands for once merged (None: one each)
+    frozen: FrozenTokens | None = None  # visual tokens of requests that exited with recipe exit.frozen
 
     def grid_index(self) -> torch.Tensor | None:
         """[B, T] each visual token's patch number on its image's grid (-1 for other tokens), or None
@@ -98,7 +101,46 @@ class WorkingSet:
             text_after=take(self.text_after) & valid,
             image_start=self.image_start,
             size=None if self.size is None else take(self.size),
+            frozen=self.frozen,
         )
+
+
+@dataclass
+class FrozenTokens:
+    """Visual tokens that left the computation at an exit but stay in the context (recipe exit.frozen):
+    per request, the states they had at the exit, packed to the left. Every later layer computes their
+    keys and values from these states; nothing else is computed for them."""
+
+    hidden: torch.Tensor  # [B, F, d]
+    positions: torch.Tensor  # [B, F]
+    valid: torch.Tensor  # [B, F]
+    bias: torch.Tensor | None = None  # [B, F] log size of merged tokens (recipes with prune.merge)
+
+    @staticmethod
+    def gather(ws: WorkingSet, rows: torch.Tensor, previous: FrozenTokens | None) -> FrozenTokens:
+        """`previous` (or nothing) plus the visual tokens of `ws` in the requests marked by `rows` ([B]),
+        with their current states."""
+        take = ws.visual & ws.valid & rows[:, None]
+        counts = take.sum(1)
+        width = int(counts.max()) if bool(take.any()) else 0
+        order = torch.sort((~take).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        hidden = torch.gather(ws.hidden, 1, order[..., None].expand(-1, -1, ws.hidden.shape[-1]))
+        valid = torch.arange(width, device=take.device)[None, :] < counts[:, None]
+        positions = torch.gather(ws.positions, 1, order)
+        bias = None if ws.size is None else torch.gather(ws.size.clamp(min=1).log(), 1, order)
+        new = FrozenTokens(hidden, positions, valid, bias)
+        if previous is None:
+            return new
+        # a request freezes once (it has no visual tokens left after), so the two sets never share a row
+        return FrozenTokens(torch.cat([previous.hidden, hidden], 1), torch.cat([previous.positions, positions], 1),
+                            torch.cat([previous.valid, valid], 1), _cat_bias(previous, new))
+
+
+def _cat_bias(a: FrozenTokens, b: FrozenTokens) -> torch.Tensor | None:
+    if a.bias is None and b.bias is None:
+        return None
+    fill = lambda f: f.bias if f.bias is not None else torch.zeros_like(f.positions, dtype=torch.float32)  # noqa: E731
+    return torch.cat([fill(a), fill(b)], 1)
 
 
 @dataclass
@@ -320,13 +362,16 @@ class PrunedEngine:
         image_start = vis_mask.long().argmax(1)  # 0 for a row without an image
         return WorkingSet(hidden, valid, positions, vis_mask, after_mask, image_start)
 
-    def _qkv(self, layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor):
+    def _qkv(self, layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, queries: bool = True):
+        """(q, k, v) of `x`, rotated at `positions`; q is None with queries=False (keys and values only)."""
         attn = layer.self_attn
         bsz, t, _ = x.shape
-        q = attn.q_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2)
         cos, sin = self.adapter.rotary_emb(x, positions)
+        if not queries:
+            return None, self.adapter.apply_rotary(k, k, cos, sin)[1], v
+        q = attn.q_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2)
         q, k = self.adapter.apply_rotary(q, k, cos, sin)
         return q, k, v
 
@@ -360,6 +405,13 @@ class PrunedEngine:
         if fitprune_layer is not None:
             out, cross, self_ = fitprune_attention(self.score_context(ws, fitprune_layer, q, k, attn.scaling), v)
             components = (cross, self_)
+        cache = LayerCache(key=k, value=v, valid=ws.valid.clone(), bias=None if bias is None else bias.clone())
+        if ws.frozen is not None:
+            # frozen visual tokens are keys and values only. A request with any has no visual tokens in the
+            # working set, so FitPrune's scores above (other requests') do not depend on them.
+            out, cache = self._attend_with_frozen(layer, ws, q, k, v)
+        elif fitprune_layer is not None:
+            pass  # `out` came with FitPrune's scores
         elif bool(ws.valid.all()) and bias is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
         else:
@@ -371,8 +423,29 @@ class PrunedEngine:
                 mask = _float_mask(mask, bias, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         out = attn.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
-        cache = LayerCache(key=k, value=v, valid=ws.valid.clone(), bias=None if bias is None else bias.clone())
         return out, cache, (q, k, attn.scaling, components)
+
+    def _attend_with_frozen(self, layer: torch.nn.Module, ws: WorkingSet, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor) -> tuple[torch.Tensor, LayerCache]:
+        """Attention of the working set's tokens over the frozen tokens' keys and values (computed here,
+        by this layer, from their frozen states) and their own, causal by position id."""
+        frozen = ws.frozen
+        assert frozen is not None
+        _, kf, vf = self._qkv(layer, layer.input_layernorm(frozen.hidden), frozen.positions, queries=False)
+        keys, values = torch.cat([kf, k], 2), torch.cat([vf, v], 2)
+        key_pos = torch.cat([frozen.positions, ws.positions], 1)
+        key_valid = torch.cat([frozen.valid, ws.valid], 1)
+        allowed = (key_pos[:, None, :] <= ws.positions[:, :, None]) & key_valid[:, None, :]
+        t, f = ws.valid.shape[1], frozen.valid.shape[1]
+        own = torch.zeros(t, f + t, dtype=torch.bool, device=q.device)
+        own[:, f:] = torch.eye(t, dtype=torch.bool, device=q.device)  # padding rows see themselves (finite)
+        allowed = (allowed | own[None])[:, None]
+        bias = _cat_bias(frozen, FrozenTokens(ws.hidden, ws.positions, ws.valid, ws.key_bias()))
+        mask = allowed if bias is None else _float_mask(allowed, bias, q.dtype)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.self_attn.scaling,
+                                             enable_gqa=True)
+        cache = LayerCache(key=keys, value=values, valid=key_valid, bias=bias)
+        return out, cache
 
     def _mlp_and_exit(self, layer: torch.nn.Module, i: int, ws: WorkingSet, counts: list[list[int]],
                       exits: list[int | None]) -> WorkingSet:
@@ -381,8 +454,9 @@ class PrunedEngine:
         The router reads the text tokens' states at the layer's output. The MLP works per token, so
         those states do not depend on the visual tokens' MLP: the text tokens go through the MLP first,
         the router decides, and an exiting request's visual tokens skip this MLP and every later layer
-        (its keep count is 0 from layer i on). A lookahead router also reads the answer the request
-        would give if it exited here (run_exited from these text states).
+        (its keep count is 0 from layer i on; with recipe exit.frozen they stay as frozen keys and
+        values at their states after this layer's attention). A lookahead router also reads the answer
+        the request would give if it exited here (run_exited from these text states).
         """
         norm, mlp = layer.post_attention_layernorm, layer.mlp
         text = ws.text_after & ws.valid
@@ -398,14 +472,14 @@ class PrunedEngine:
             bidx = torch.arange(hidden.shape[0], device=hidden.device)
             feats = ExitRouter.features(hidden, text, hidden[bidx, last])
             assert self.router is not None and self.recipe.exit is not None
-            if self.router.lookahead:
-                text_only = replace(ws, hidden=hidden).select(nonvisual)
+            if self.router.lookahead:  # `hidden`'s visual rows are still the states an exit would freeze
+                text_only = self.without_visual(replace(ws, hidden=hidden), torch.ones_like(eligible),
+                                                self.recipe.exit.frozen)
                 feats = torch.cat([feats, lookahead_statistics(self.last_logits(self.run_exited(text_only, i)))
                                    .to(feats.dtype)], -1)
             prob = torch.sigmoid(self.router.logits(i, feats).float())
             exiting = eligible & router_exits(prob, self.recipe.exit.threshold)
-        keep = ws.valid & ~(ws.visual & exiting[:, None])
-        rest = keep & ws.visual
+        rest = ws.valid & ws.visual & ~exiting[:, None]
         if bool(rest.any()):
             hidden[rest] = ws.hidden[rest] + mlp(norm(ws.hidden[rest]))
         ws.hidden = hidden
@@ -414,7 +488,16 @@ class PrunedEngine:
         for b in exiting.nonzero()[:, 0].tolist():
             exits[b] = i
             counts[b][i:] = [0] * (len(counts[b]) - i)
-        return ws.select(keep)
+        return self.without_visual(ws, exiting, self.recipe.exit.frozen)
+
+    @staticmethod
+    def without_visual(ws: WorkingSet, rows: torch.Tensor, frozen: bool) -> WorkingSet:
+        """`ws` without the visual tokens of the requests marked in `rows` ([B]), as an exit leaves it:
+        removed (DyVTE), or with `frozen` (recipe exit.frozen) kept as keys and values at their current states."""
+        leaving = ws.visual & ws.valid & rows[:, None]
+        if frozen and bool(leaving.any()):
+            ws = replace(ws, frozen=FrozenTokens.gather(ws, rows, ws.frozen))
+        return ws.select(ws.valid & ~leaving)
 
     def run_exited(self, ws: WorkingSet, after_layer: int) -> WorkingSet:
         """The decoder's layers after `after_layer` on a working set without visual tokens (an exited

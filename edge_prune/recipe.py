@@ -83,6 +83,12 @@ class ExitSpec:
     probability, top-two margin and entropy (`scoring.lookahead_statistics`). When the request
     exits, that run is the rest of its prefill; when it does not, the cost model counts it as the
     router's work.
+
+    `frozen` (an addition to the v1 contract, default false; CALM's state propagation, not DyVTE's
+    removal): an exiting request's visual tokens stop being computed but are not removed. Each one
+    keeps the state it had at the exit (after layer l's attention), and every later layer computes
+    its key and value from that frozen state, so later tokens still attend to the image. Later
+    layers run no query, output projection or MLP for them, and their KV caches hold them.
     """
 
     router: str
@@ -91,6 +97,7 @@ class ExitSpec:
     rank: int
     exit_rates: list[float] = field(default_factory=list)
     lookahead: bool = False
+    frozen: bool = False
 
 
 # the statistics a lookahead router reads beside DyVTE's two states (ExitSpec.lookahead): the exited
@@ -245,8 +252,9 @@ class Recipe:
     def _exit_dict(self) -> dict[str, Any]:
         assert self.exit is not None
         data = asdict(self.exit)
-        if not data["lookahead"]:  # written only when set, so recipes without it read in older edge-prune
-            del data["lookahead"]
+        for added in ("lookahead", "frozen"):  # written only when set, so such recipes read in older edge-prune
+            if not data[added]:
+                del data[added]
         return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -437,8 +445,9 @@ class Recipe:
         _check_layers(e.layers, self.model.num_layers, f"{where}.layers'")
         if not e.layers:
             raise RecipeError(f"{where}.layers' is empty; list the candidate exit layers")
-        if not isinstance(e.lookahead, bool):
-            raise RecipeError(f"{where}.lookahead' is {e.lookahead!r}, expected true or false")
+        for name in ("lookahead", "frozen"):
+            if not isinstance(getattr(e, name), bool):
+                raise RecipeError(f"{where}.{name}' is {getattr(e, name)!r}, expected true or false")
         t = e.threshold
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 <= t <= 1.0:
             raise RecipeError(f"{where}.threshold' is {t!r}, expected a probability in [0, 1]")

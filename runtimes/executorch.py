@@ -72,6 +72,13 @@ class ProgramSpec:
     # returns (logits, p_exit); the image segment ending at a candidate then returns no probability (but the
     # last segment, whose logits are the exit's answer already)
     exit_lookahead: bool = False
+    # recipe exit.frozen: an exit keeps the visual tokens as keys and values. An image segment ending at a
+    # candidate also returns the visual states before that layer's MLP (what the exit freezes), and
+    # prefill_exit_<l> takes them after x_text: (x_text, x_frozen, pos_frozen[, size_frozen], image_start).
+    exit_frozen: bool = False
+    # visual KV slots per layer; empty: seen. A frozen exit after layer l leaves kept[l] visual keys in every
+    # later layer, so those layers get room for them (text slots start after the visual ones).
+    visual_slots: list[int] = field(default_factory=list)
     # Region-balanced ranking over regions x regions cells of the image grid, and merging dropped tokens
     # into kept ones (recipe prune.regions / prune.merge); merged programs hand the visual tokens' sizes
     # from segment to segment and keep per-layer log sizes beside the KV cache.
@@ -81,6 +88,18 @@ class ProgramSpec:
     @property
     def text_capacity(self) -> int:
         return self.max_prompt_tokens + self.max_new_tokens
+
+    @property
+    def slots(self) -> list[int]:
+        """Visual KV slots of each layer's cache (its text slots follow them)."""
+        return list(self.visual_slots) or list(self.seen)
+
+    def visual_lengths(self, exit_layer: int | None) -> list[int]:
+        """Visual keys each layer's cache holds after a prefill that exited after `exit_layer` (or did not)."""
+        if exit_layer is None:
+            return list(self.seen)
+        after = self.kept[exit_layer] if self.exit_frozen else 0
+        return [s if i <= exit_layer else after for i, s in enumerate(self.seen)]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -283,9 +302,8 @@ class ExecuTorchSession:
             n_in = spec.input_visual_tokens if with_image else 0
             position = n_text + n_in
             text_len = n_text
-            seen = list(spec.seen) if with_image else [0] * spec.num_layers
-            if exit_layer is not None:  # layers after the exit saw no visual tokens; the exit layer did
-                seen = [s if i <= exit_layer else 0 for i, s in enumerate(seen)]
+            # layers after an exit saw no visual tokens (or, frozen, the ones present at it); the exit layer did
+            seen = spec.visual_lengths(exit_layer) if with_image else [0] * spec.num_layers
             visual_len = np.asarray(seen, dtype=np.int64)
             eos = set() if ignore_eos else set(spec.eos_token_ids)
             while token not in eos and len(out) < max_new_tokens:
@@ -321,26 +339,30 @@ class ExecuTorchSession:
         runs text-only (prefill_exit_<layer>), so later layers never see, nor cache, visual tokens.
         A lookahead router's p(exit) comes from prefill_exit_<layer> itself, with the answer it would
         give; when the request stays, the next segment rewrites the text KV entries that run wrote.
+        With frozen exits the segment also hands over the visual states the exit would freeze, and
+        prefill_exit_<layer> writes their keys and values into the later layers' caches.
         """
         spec = self.spec
         start = np.asarray([image_start], dtype=np.int64)
         exits = exit_method_names(spec)
-        state = [embeds, features]
-        for k, (name, (_, end)) in enumerate(zip(prefill_method_names(spec), spec.prefill_segments)):
-            state = self._run(name, *state, start)
+        state = list(self._run(prefill_method_names(spec)[0], embeds, features, start))
+        for k, (_, end) in enumerate(spec.prefill_segments):
             layer = end - 1
-            if spec.exit_lookahead and layer in exits:
+            if layer in spec.exit_layers:
+                p_exit = None if spec.exit_lookahead and layer in exits else float(state.pop()[0])
+                # (x_frozen, pos_vis[, size_vis]): what prefill_exit_<layer> freezes
+                frozen = [state.pop(), *state[2:]] if spec.exit_frozen and layer in exits else []
                 if spec.kept[layer] > 0:
-                    logits, p_exit = self._run(exits[layer], state[0], start)
-                    if router_exits(float(p_exit[0]), spec.exit_threshold or 0.0):
-                        return logits, layer
-            elif layer in spec.exit_layers:
-                p_exit = float(state[-1][0])
-                state = state[:-1]
-                if spec.kept[layer] > 0 and router_exits(p_exit, spec.exit_threshold or 0.0):
-                    if layer in exits:
-                        return self._run(exits[layer], state[0], start)[0], layer
-                    return state[0], layer
+                    if p_exit is None:  # lookahead: the exit's own run gives the probability
+                        logits, p_run = self._run(exits[layer], state[0], *frozen, start)
+                        if router_exits(float(p_run[0]), spec.exit_threshold or 0.0):
+                            return logits, layer
+                    elif router_exits(p_exit, spec.exit_threshold or 0.0):
+                        if layer in exits:
+                            return self._run(exits[layer], state[0], *frozen, start)[0], layer
+                        return state[0], layer
+            if k + 1 < len(spec.prefill_segments):
+                state = list(self._run(prefill_method_names(spec)[k + 1], *state, start))
         return state[0], None
 
 

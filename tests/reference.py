@@ -108,6 +108,8 @@ def reference_logits(adapter: LlavaAdapter, recipe: Recipe, batch: PreparedBatch
             alive = torch.ones(t, dtype=torch.bool)
             alive_log = []
             exit_layer = None
+            frozen = torch.zeros(t, dtype=torch.bool)  # recipe exit.frozen: keys and values only, never updated
+            frozen_state = None
             h = e[None]
             for i, layer in enumerate(adapter.layers):
                 attn = layer.self_attn
@@ -124,8 +126,10 @@ def reference_logits(adapter: LlavaAdapter, recipe: Recipe, batch: PreparedBatch
                 probs = torch.softmax(w.float(), -1)[0]  # [H, T, T]
                 o = (probs[None] @ v).transpose(1, 2).reshape(1, t, -1)
                 h = h + attn.o_proj(o)
-                alive_log.append(int((alive & vis).sum()))
-                present = alive & vis
+                if frozen_state is not None:
+                    h[0, frozen] = frozen_state
+                present = alive & vis & ~frozen
+                alive_log.append(int(present.sum()))
                 target = counts[i]
                 if target < int(present.sum()):
                     # Scores are computed from prompt-time attention, over the prompt only.
@@ -141,14 +145,22 @@ def reference_logits(adapter: LlavaAdapter, recipe: Recipe, batch: PreparedBatch
                     keep = torch.zeros(t, dtype=torch.bool)
                     keep[order[:target]] = True
                     alive = alive & (~vis | keep)
+                before_mlp = h
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
+                if frozen_state is not None:
+                    h[0, frozen] = frozen_state
                 e = recipe.exit
-                if (e is not None and i in e.layers and exit_layer is None and bool((alive & vis).any())
+                if (e is not None and i in e.layers and exit_layer is None and bool((alive & vis & ~frozen).any())
                         and bool(text_after.any())):
                     p = _router_prob(router, e.layers.index(i), h[0], text_after, n_prompt - 1)
                     if p >= e.threshold and e.threshold < 1.0:  # 1.0: never
                         exit_layer = i
-                        alive = alive & ~vis
+                        if e.frozen:  # the present visual tokens stay, at their states before this MLP
+                            frozen = alive & vis
+                            frozen_state = before_mlp[0, frozen]
+                            h[0, frozen] = frozen_state
+                        else:
+                            alive = alive & ~vis
                         counts = [c if k < i else 0 for k, c in enumerate(counts)]
             logits_rows.append(adapter.lm_head(adapter.final_norm(h[0, -1])).float())
             alive_rows.append(alive_log)

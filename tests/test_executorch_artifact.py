@@ -308,10 +308,46 @@ def test_lookahead_exit_router_runs_as_the_engine_does(model_dir, recipe, images
     out = tmp_path / "lookahead"
     convert(model_dir, lookahead, out, ConvertOptions(max_prompt_tokens=96, max_new_tokens=8, progress=False))
     assert read_manifest(out).extra["program"]["exit_lookahead"] is True
-    session, engine = load(out), PrunedEngine.load(model_dir, recipe=lookahead)
+    assert_same_exits_and_answers(load(out), PrunedEngine.load(model_dir, recipe=lookahead), images)
+
+
+def assert_same_exits_and_answers(session, engine: PrunedEngine, images) -> None:
+    """The artifact's exit layer, greedy tokens and first logits equal the engine's on every prompt."""
     for prompt, image in zip(PROMPTS, images):
         ours = session.generate(image, prompt, max_new_tokens=6)
         ref = engine.generate(prompt, image, max_new_tokens=6)
         assert ours.kept[0].exit_layer == ref.kept[0].exit_layer
         assert ours.tokens == ref.tokens
         np.testing.assert_allclose(ours.first_logits, ref.first_logits.numpy(), atol=1e-4)
+
+
+def test_frozen_exit_router_runs_as_the_engine_does(model_dir, recipe, images, tmp_path):
+    """exit.frozen lowered: the segment ending at layer 0 also hands over the visual states before its MLP,
+    prefill_exit_0 writes their keys and values into layer 1's cache, and decode reads them (the room a
+    schedule that keeps dropping needs is in test_executorch_modules.py)."""
+    from edge_prune.recipe import ExitSpec
+    from edge_prune.scoring import ExitRouter
+
+    sig = recipe.model
+    router = ExitRouter(sig.hidden_size, [0, 1], 8)
+    router.reset_parameters(3)
+    router.save(tmp_path / "router.safetensors", sig.num_layers)
+
+    def with_threshold(threshold: float) -> Recipe:
+        spec = ExitSpec("router.safetensors", [0, 1], threshold, 8, frozen=True)
+        return Recipe.load(Recipe(model=sig, prune=recipe.prune, exit=spec).save(tmp_path / "recipe.json"))
+
+    adapter = PrunedEngine.load(model_dir).adapter
+    batch = adapter.prepare(PROMPTS, images)
+
+    def exits(r: Recipe) -> list:
+        return [k.exit_layer for k in PrunedEngine(adapter, r).prefill(batch).kept]
+
+    chosen = max((t / 20 for t in range(1, 20)), key=lambda t: len(set(exits(with_threshold(t)))))
+    frozen = with_threshold(chosen)
+    assert 0 in exits(frozen) and len(set(exits(frozen))) >= 2
+    out = tmp_path / "frozen"
+    convert(model_dir, frozen, out, ConvertOptions(max_prompt_tokens=96, max_new_tokens=8, progress=False))
+    program = read_manifest(out).extra["program"]
+    assert program["exit_frozen"] is True
+    assert_same_exits_and_answers(load(out), PrunedEngine(adapter, frozen), images)

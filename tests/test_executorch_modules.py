@@ -40,20 +40,24 @@ def _run_exported_modules(engine: PrunedEngine, prompt: str, image, boundaries: 
         for seg in segments:
             state = list(seg(*state, start))
             layer = seg.end - 1
-            if spec.exit_lookahead and layer in tails:  # the exit's own run gives the decision
-                if spec.kept[layer] > 0:
-                    exited, p_exit = tails[layer](state[0], start)
-                    if float(p_exit[0]) >= spec.exit_threshold:
-                        exit_layer, state = layer, [exited]
-                        break
-            elif layer in spec.exit_layers:
-                p_exit = float(state.pop()[0])
-                if spec.kept[layer] > 0 and p_exit >= spec.exit_threshold:
-                    exit_layer = layer
-                    state = list(tails[layer](state[0], start)) if layer in tails else state
+            if layer not in spec.exit_layers:
+                continue
+            p_exit = None if spec.exit_lookahead and layer in tails else float(state.pop()[0])
+            # a frozen exit's run also takes the visual states before this layer's MLP, positions (and sizes)
+            frozen = [state.pop(), *state[2:]] if spec.exit_frozen and layer in tails else []
+            if spec.kept[layer] == 0:
+                continue
+            if p_exit is None:  # lookahead: the exit's own run gives the decision
+                exited, p_run = tails[layer](state[0], *frozen, start)
+                if float(p_run[0]) >= spec.exit_threshold:
+                    exit_layer, state = layer, [exited]
                     break
+            elif p_exit >= spec.exit_threshold:
+                exit_layer = layer
+                state = list(tails[layer](state[0], *frozen, start)) if layer in tails else state
+                break
         logits = state[0]
-        seen = [s if exit_layer is None or i <= exit_layer else 0 for i, s in enumerate(spec.seen)]
+        seen = spec.visual_lengths(exit_layer)
         t = text_ids.shape[1]
         step = cx.Decode(parts)(logits.argmax(-1)[:, None], torch.tensor([t + spec.input_visual_tokens]),
                                 torch.tensor([t]), torch.tensor(seen))
@@ -169,13 +173,16 @@ def test_guide_scores_of_the_exported_prefill_equal_the_engines(adapter, text_af
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
-def test_exit_router_decides_between_segments(adapter, images, tmp_path, threshold):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_exit_router_decides_between_segments(adapter, images, tmp_path, threshold, frozen):
+    """With exit.frozen the exited program attends to the frozen visual keys and writes them to the later
+    layers' caches, which decode then reads."""
     sig = adapter.signature()
     router = ExitRouter(sig.hidden_size, [1, 2], 8)
     router.reset_parameters(3)
     router.save(tmp_path / "router.safetensors", sig.num_layers)
     recipe = Recipe(model=sig, prune=PruneSpec(scorer="fastv", keep_after=[1.0, 0.5, 0.5, 0.5]),
-                    exit=ExitSpec("router.safetensors", [1, 2], threshold, 8))
+                    exit=ExitSpec("router.safetensors", [1, 2], threshold, 8, frozen=frozen))
     recipe = Recipe.load(recipe.save(tmp_path / "recipe.json"))
     exits = _check(PrunedEngine(adapter, recipe), images)
     if threshold == 0.0:
@@ -206,6 +213,27 @@ def test_lookahead_router_decides_from_the_exits_own_run(adapter, images, tmp_pa
         assert exits == [layers[1], None, None]
     if threshold == 1.0:
         assert exits == [None, None, None]
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_frozen_exits_on_a_schedule_that_keeps_dropping(adapter, images, tmp_path, merge, lookahead):
+    """The schedule drops after the candidates, so later caches need room for more visual keys than their
+    attention saw: the text slots move past that room, in prefill and in decode."""
+    sig = adapter.signature()
+    router = ExitRouter(sig.hidden_size, [0, 1], 8, lookahead=lookahead)
+    router.reset_parameters(3)
+    router.save(tmp_path / "router.safetensors", sig.num_layers)
+    prune = PruneSpec(scorer="fitprune", keep_after=[0.75, 0.5, 0.25, 0.1], merge=merge)
+    seen_exits = set()
+    for threshold in (0.0, 0.45, 1.0):
+        recipe = Recipe(model=sig, prune=prune,
+                        exit=ExitSpec("router.safetensors", [0, 1], threshold, 8, lookahead=lookahead, frozen=True))
+        recipe = Recipe.load(recipe.save(tmp_path / "recipe.json"))
+        spec = cx.build_spec(adapter, recipe, cx.ConvertOptions())
+        assert spec.slots == [spec.seen[0], spec.seen[1], spec.kept[0], spec.kept[0]]
+        seen_exits.update(_check(PrunedEngine(adapter, recipe), images))
+    assert {0, None} <= seen_exits
 
 
 def test_stable_selection_breaks_ties_towards_the_earlier_token():

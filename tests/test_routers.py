@@ -36,8 +36,9 @@ RANK = 4
 
 
 def exit_recipe(adapter: LlavaAdapter, folder: Path, threshold: float, base: str = "none",
-                rates=(0.2, 0.1, 0.1)) -> Path:
-    """A random (untrained) router, optionally on a fitprune or guide schedule, saved beside a recipe."""
+                rates=(0.2, 0.1, 0.1), frozen: bool = False) -> Path:
+    """A random (untrained) router, optionally on a fitprune or guide schedule, saved beside a recipe;
+    `frozen`: recipe exit.frozen."""
     sig = adapter.signature()
     router = ExitRouter(sig.hidden_size, EXIT_LAYERS, RANK)
     router.reset_parameters(5)
@@ -55,7 +56,7 @@ def exit_recipe(adapter: LlavaAdapter, folder: Path, threshold: float, base: str
         prune = PruneSpec(scorer="guide", keep_after=[1.0, 0.5, 0.5, 0.25],
                           guides=GuideSpec("guides.safetensors", [1, 3], RANK))
     recipe = Recipe(model=sig, prune=prune,
-                    exit=ExitSpec("router.safetensors", EXIT_LAYERS, threshold, RANK, list(rates)))
+                    exit=ExitSpec("router.safetensors", EXIT_LAYERS, threshold, RANK, list(rates), frozen=frozen))
     return recipe.save(folder / "recipe.json")
 
 
@@ -69,15 +70,18 @@ def llava_next(tiny_next_dir):
     return LlavaAdapter.load(tiny_next_dir)
 
 
-@pytest.mark.parametrize(("kind", "base"), [("llava", "none"), ("llava", "fitprune"), ("llava", "guide"),
-                                             ("llava_next", "guide")])
-def test_exits_match_slow_reference(base, kind, llava, llava_next, images, tmp_path):
+@pytest.mark.parametrize(("kind", "base", "frozen"), [
+    ("llava", "none", False), ("llava", "fitprune", False), ("llava", "guide", False), ("llava_next", "guide", False),
+    ("llava", "none", True), ("llava", "fitprune", True), ("llava_next", "guide", True)])
+def test_exits_match_slow_reference(base, kind, frozen, llava, llava_next, images, tmp_path):
+    """Prefill, decode and kept counts of exiting requests; with exit.frozen the exited visual tokens stay
+    as keys and values at their states when they left (the reference keeps them and resets their rows)."""
     adapter = llava if kind == "llava" else llava_next
     batch = adapter.prepare(PROMPTS, images)
     seen_exits = set()
     thresholds = (0.0, 0.35, 0.5, 1.0) if kind == "llava" else (0.0, 0.5)
     for threshold in thresholds:
-        path = exit_recipe(adapter, tmp_path, threshold, base)
+        path = exit_recipe(adapter, tmp_path, threshold, base, frozen=frozen)
         recipe = Recipe.load(path)
         engine = PrunedEngine(adapter, recipe)
         guides = load_file(tmp_path / "guides.safetensors") if base == "guide" else None

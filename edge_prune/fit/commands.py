@@ -79,7 +79,8 @@ def fit_learned(args: argparse.Namespace) -> int:
             layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
             config = RouterConfig(layers=layers, rank=args.rank, max_risk=args.max_risk, lr=args.lr or 1e-2,
                                   seed=args.seed, micro_batch=args.batch_size, loss_slack=args.loss_slack,
-                                  labels=args.exit_labels, lookahead=args.lookahead)
+                                  labels=args.exit_labels, lookahead=args.lookahead,
+                                  frozen=args.frozen_exit)
             fitter = RouterFitter(engine, calibration, config, dist=dist, progress=not args.json, work_dir=folder)
             result = fitter.fit()
             p = result.recipe.provenance

@@ -21,7 +21,7 @@ recipe (`exit.exit_rates`) for the cost model's expected FLOPs.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,9 @@ class RouterConfig:
     # the router also reads the answer an exit would give (recipe exit.lookahead): on the benchmark model
     # it ranks requests within a question family better than the text states alone do
     lookahead: bool = False
+    # exiting requests keep their visual tokens as frozen keys and values (recipe exit.frozen): the labels
+    # and the lookahead come from exited runs that attend to them
+    frozen: bool = False
     train_steps: int = 300  # full-batch optimiser steps on the collected features
     lr: float = 1e-2
     # a few hundred samples overfit the router: at 1e-4 its logits grew past float32's sigmoid range, so
@@ -207,6 +210,7 @@ class RouterFitter:
         exit_logits: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
             ws, _ = engine.attend_and_drop(layer, i, ws, [cnt[i] for cnt in counts])
+            before_mlp = ws.hidden
             ws.hidden = mlp(layer, ws.hidden)
             if i not in self.layers:
                 continue
@@ -215,7 +219,9 @@ class RouterFitter:
             last = ((ws.positions == last_pos[:, None]) & ws.valid).float().argmax(1)
             feats[:, j, :2 * self.sig.hidden_size] = ExitRouter.features(ws.hidden, text, ws.hidden[bidx, last]).float()
             eligible[:, j] = text.any(1) & (ws.visual & ws.valid).any(1)
-            branch = engine.run_exited(ws.select(ws.valid & ~ws.visual), i)
+            # an exit skips the visual tokens' MLP here: with exit.frozen they freeze at their states before it
+            at_exit = replace(ws, hidden=torch.where(ws.visual[..., None], before_mlp, ws.hidden))
+            branch = engine.run_exited(engine.without_visual(at_exit, torch.ones_like(eligible[:, j]), self.config.frozen), i)
             exit_logits.append(pred_logits(engine, branch.hidden, find_pred(branch)))
             if self.config.lookahead:  # the first answer token's logits: what the last prompt token predicts
                 feats[:, j, 2 * self.sig.hidden_size:] = lookahead_statistics(exit_logits[-1][first_pred])
@@ -375,7 +381,8 @@ class RouterFitter:
     def _flops_per_exit(self, text_tokens: int) -> dict[Any, float]:
         out: dict[Any, float] = {}
         probe = Recipe(model=self.sig, prune=self.base.prune, skip_attention=list(self.base.skip_attention),
-                       exit=ExitSpec(ROUTER_FILE, self.layers, 0.5, self.rank, lookahead=self.config.lookahead))
+                       exit=ExitSpec(ROUTER_FILE, self.layers, 0.5, self.rank, lookahead=self.config.lookahead,
+                                     frozen=self.config.frozen))
         for layer in [*self.layers, None]:
             report = estimate(self.shape, probe, text_tokens=text_tokens, exits={layer: 1.0}, weight_formats=())
             out[layer] = report.pruned_flops
@@ -394,7 +401,8 @@ class RouterFitter:
 
         recipe = Recipe(model=self.sig, prune=self.base.prune, skip_attention=list(self.base.skip_attention),
                         exit=ExitSpec(ROUTER_FILE, self.layers, threshold, self.rank,
-                                      [round(r, 6) for r in rates], lookahead=self.config.lookahead),
+                                      [round(r, 6) for r in rates], lookahead=self.config.lookahead,
+                                      frozen=self.config.frozen),
                         budget=self.base.budget)
         report = estimate(self.shape, recipe, text_tokens=text, weight_formats=())
         el = data.eligible
