@@ -6,8 +6,9 @@ times, request by request and interleaved, the fp32 XNNPACK artifacts of
 - keep-all, in one prefill method and split into one method per decoder layer (no router): the bare
   price of segments;
 - the committed exit routers dyvte, dyvte-agree (candidates: every layer but the last) and
-  dyvte-agree-l13 (candidates 1 and 3 only: three segments instead of six), and dyvte-lookahead (candidates
-  1-4, a lookahead router: prefill_exit_<l> runs at every candidate before the decision);
+  dyvte-agree-l13 (candidates 1 and 3 only: three segments instead of six), dyvte-lookahead (candidates
+  1-4, a lookahead router: prefill_exit_<l> runs at every candidate before the decision), and dyvte-frozen
+  (candidates 1-4, frozen exits: prefill_exit_<l> also computes the frozen visual keys and values);
 at each thread count of ExecuTorch's threadpool (`edge_prune.runtimes.load(..., threads=N)`), in
 alternating blocks so that a drift of the host hits every count alike. Prefill speed-ups are over
 keep-all in the same block; per item: the mean over items of each item's median.
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 MODEL = ROOT / "models" / "toyvqa-llava"
 RECIPES = ROOT / "recipes"
 RESULTS = ROOT / "results"
-ROUTERS = ["dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead"]
+ROUTERS = ["dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead", "dyvte-frozen"]
 
 
 def convert_all(model: Path, work: Path) -> dict[str, Path]:
