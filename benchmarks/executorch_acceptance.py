@@ -86,8 +86,8 @@ def recipes(model: Path, work: Path) -> dict[str, Path]:
         if not fastv.is_file():
             baseline_recipe(load_shape(model), "fastv", 0.6, text_tokens=24).save(fastv)
         out["fastv-60"] = fastv
-    for name in ("guides-90", "dyvte", "fitprune-60+dyvte", "dyvte-agree", "dyvte-lookahead", "fitprune-60-r12-merge",
-                 "guides-90-r8-merge"):
+    for name in ("guides-90", "dyvte", "fitprune-60+dyvte", "dyvte-agree", "dyvte-lookahead", "dyvte-frozen",
+                 "fitprune-60-r12-merge", "guides-90-r8-merge"):
         path = RECIPES / name / "recipe.json"
         if path.is_file():
             out[name] = path
@@ -297,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     state = State(args.results.with_suffix(".json"), args.model)
     named = recipes(args.model, args.work)
     if args.recipes:
-        named = {k: v for k, v in named.items() if k in args.recipes.split(",")}
+        wanted = args.recipes.split(",")
+        unknown = [name for name in wanted if name not in named]
+        if unknown:
+            ap.error(f"--recipes: {', '.join(unknown)} not found (have: {', '.join(named)}; recipes come from "
+                     f"{RECIPES})")
+        named = {k: v for k, v in named.items() if k in wanted}
     QUANTS = tuple(args.quants.split(","))
     arts = convert_all(args.model, named, args.work, state)
     stages = args.stages.split(",")
