@@ -195,9 +195,15 @@ class DecoderParts(nn.Module):
         attn = self.layers[i].self_attn
         cos, sin = rope
         q = self.rotate(attn.q_proj(x).view(1, -1, self.heads, self.head_dim), cos, sin)
+        return (self.grouped(q.transpose(1, 2) * attn.scaling), *self.kv(i, x, rope))
+
+    def kv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """k and v [1, KVH, n, hd] of layer i, as `qkv` gives them (a frozen exit's tokens need no queries)."""
+        attn = self.layers[i].self_attn
+        cos, sin = rope
         k = self.rotate(attn.k_proj(x).view(1, -1, self.kv_heads, self.head_dim), cos, sin)
         v = attn.v_proj(x).view(1, -1, self.kv_heads, self.head_dim)
-        return self.grouped(q.transpose(1, 2) * attn.scaling), k.transpose(1, 2), v.transpose(1, 2)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE of t [1, n, heads, hd] as the model applies it; rotate_half as a linear by a signed
@@ -473,7 +479,7 @@ class Prefill(nn.Module):
         tokens' keys and values are computed here from their frozen states and written to the cache."""
         p = self.parts
         x_frz, rope_frz, bias_frz, size_frz = ctx
-        _, kf, vf = p.qkv(i, p.rms_norm(p.layers[i].input_layernorm, x_frz), rope_frz)
+        kf, vf = p.kv(i, p.rms_norm(p.layers[i].input_layernorm, x_frz), rope_frz)
         self._write_frozen(i, kf, vf, size_frz)
         probs = p.attention_probs(q, torch.cat([kf, k], dim=2), torch.cat([bias_frz, bias], dim=1))
         return p.attend(probs, torch.cat([vf, v], dim=2))

@@ -120,27 +120,23 @@ class FrozenTokens:
     def gather(ws: WorkingSet, rows: torch.Tensor, previous: FrozenTokens | None) -> FrozenTokens:
         """`previous` (or nothing) plus the visual tokens of `ws` in the requests marked by `rows` ([B]),
         with their current states."""
-        take = ws.visual & ws.valid & rows[:, None]
-        counts = take.sum(1)
-        width = int(counts.max()) if bool(take.any()) else 0
-        order = torch.sort((~take).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        hidden = torch.gather(ws.hidden, 1, order[..., None].expand(-1, -1, ws.hidden.shape[-1]))
-        valid = torch.arange(width, device=take.device)[None, :] < counts[:, None]
-        positions = torch.gather(ws.positions, 1, order)
-        bias = None if ws.size is None else torch.gather(ws.size.clamp(min=1).log(), 1, order)
-        new = FrozenTokens(hidden, positions, valid, bias)
+        leaving = ws.select(ws.visual & ws.valid & rows[:, None])
+        new = FrozenTokens(leaving.hidden, leaving.positions, leaving.valid, leaving.key_bias())
         if previous is None:
             return new
         # a request freezes once (it has no visual tokens left after), so the two sets never share a row
-        return FrozenTokens(torch.cat([previous.hidden, hidden], 1), torch.cat([previous.positions, positions], 1),
-                            torch.cat([previous.valid, valid], 1), _cat_bias(previous, new))
+        return FrozenTokens(torch.cat([previous.hidden, new.hidden], 1),
+                            torch.cat([previous.positions, new.positions], 1),
+                            torch.cat([previous.valid, new.valid], 1),
+                            _cat_bias((previous.bias, previous.valid), (new.bias, new.valid)))
 
 
-def _cat_bias(a: FrozenTokens, b: FrozenTokens) -> torch.Tensor | None:
-    if a.bias is None and b.bias is None:
+def _cat_bias(*parts: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor | None:
+    """Per-key log sizes of keys laid side by side, from (bias or None, [B, n] mask) per part: None when no
+    part has any, else 0 for the parts without."""
+    if all(bias is None for bias, _ in parts):
         return None
-    fill = lambda f: f.bias if f.bias is not None else torch.zeros_like(f.positions, dtype=torch.float32)  # noqa: E731
-    return torch.cat([fill(a), fill(b)], 1)
+    return torch.cat([torch.zeros_like(mask, dtype=torch.float32) if bias is None else bias for bias, mask in parts], 1)
 
 
 @dataclass
@@ -405,23 +401,25 @@ class PrunedEngine:
         if fitprune_layer is not None:
             out, cross, self_ = fitprune_attention(self.score_context(ws, fitprune_layer, q, k, attn.scaling), v)
             components = (cross, self_)
-        cache = LayerCache(key=k, value=v, valid=ws.valid.clone(), bias=None if bias is None else bias.clone())
         if ws.frozen is not None:
             # frozen visual tokens are keys and values only. A request with any has no visual tokens in the
             # working set, so FitPrune's scores above (other requests') do not depend on them.
             out, cache = self._attend_with_frozen(layer, ws, q, k, v)
-        elif fitprune_layer is not None:
-            pass  # `out` came with FitPrune's scores
-        elif bool(ws.valid.all()) and bias is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
         else:
-            idx = torch.arange(t, device=q.device)
-            causal = idx[None, :] <= idx[:, None]
-            # Padding rows attend to themselves only, so they stay finite (their output is ignored).
-            mask = ((causal[None] & ws.valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=q.device)[None])[:, None]
-            if bias is not None:
-                mask = _float_mask(mask, bias, q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+            cache = LayerCache(key=k, value=v, valid=ws.valid.clone(), bias=None if bias is None else bias.clone())
+            if fitprune_layer is not None:
+                pass  # `out` came with FitPrune's scores
+            elif bool(ws.valid.all()) and bias is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+            else:
+                idx = torch.arange(t, device=q.device)
+                causal = idx[None, :] <= idx[:, None]
+                # Padding rows attend to themselves only, so they stay finite (their output is ignored).
+                mask = ((causal[None] & ws.valid[:, None, :])
+                        | torch.eye(t, dtype=torch.bool, device=q.device)[None])[:, None]
+                if bias is not None:
+                    mask = _float_mask(mask, bias, q.dtype)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         out = attn.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
         return out, cache, (q, k, attn.scaling, components)
 
@@ -440,7 +438,7 @@ class PrunedEngine:
         own = torch.zeros(t, f + t, dtype=torch.bool, device=q.device)
         own[:, f:] = torch.eye(t, dtype=torch.bool, device=q.device)  # padding rows see themselves (finite)
         allowed = (allowed | own[None])[:, None]
-        bias = _cat_bias(frozen, FrozenTokens(ws.hidden, ws.positions, ws.valid, ws.key_bias()))
+        bias = _cat_bias((frozen.bias, frozen.valid), (ws.key_bias(), ws.valid))
         mask = allowed if bias is None else _float_mask(allowed, bias, q.dtype)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.self_attn.scaling,
                                              enable_gqa=True)
