@@ -47,6 +47,7 @@ from edge_prune.runtimes.executorch import (
     DECODE,
     EMBED,
     PREFILL_TEXT,
+    PROGRAM_LAYOUT,
     PTE_FILE,
     VISION,
     DelegationSummary,
@@ -350,7 +351,10 @@ class Prefill(nn.Module):
     mode "image": first segment takes (text_embeds, visual_embeds, image_start), later ones
     (x_text, x_vis, pos_vis, image_start); the last returns (logits,), others (x_text, x_vis, pos_vis).
     A merging program hands the visual tokens' sizes on too: (x_text, x_vis, pos_vis, size_vis).
-    A segment that ends right after an exit-candidate layer also returns the router's exit probability.
+    A segment that ends right after an exit-candidate layer also returns the router's exit probability,
+    and hands its visual tokens on *before* that layer's MLP: an exiting request never runs it (as the
+    engine and the cost model have it), a frozen exit keeps exactly those states, and the next image
+    segment applies that MLP first when the request stays.
     mode "exited": the rest of the decoder after a request exited: (x_text, image_start) -> (logits,),
     no visual tokens, text positions as in the image prompt; with a lookahead router it runs before the
     decision and returns (logits, p_exit), the router reading its input states and the answer it gives
@@ -394,6 +398,13 @@ class Prefill(nn.Module):
             pos_vis = torch.zeros(1, 0, dtype=torch.long)
         if self.mode != "image" or not p.merge:
             size_vis = torch.ones(1, x_vis.shape[1])
+        # after an exit candidate the previous segment left the visual MLP of its last layer to the request
+        # that stays (this segment); one that ends at a candidate leaves its own to the next
+        resumes = self.mode == "image" and not first and self.start - 1 in spec.exit_layers
+        defers = self.mode == "image" and not last and self.end - 1 in spec.exit_layers
+        if resumes:
+            layer = p.layers[self.start - 1]
+            x_vis = x_vis + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x_vis))
         x_text_in = x_text  # the exit decision's input states (a lookahead router reads them in "exited" mode)
         t = x_text.shape[1]
         idx_text = torch.arange(t)
@@ -406,7 +417,6 @@ class Prefill(nn.Module):
         bias = rope = None  # the causal mask and RoPE tables: the same until tokens are dropped
         key_bias: torch.Tensor | float = 0.0  # merged keys' log sizes (merging programs)
         frozen_ctx = None if x_frz is None else self._frozen_context(x_frz, pos_frz, size_frz, pos, x.dtype)
-        x_vis_pre = None  # the visual states before the last layer's MLP: what a frozen exit after it keeps
         for i in range(self.start, self.end):
             n_vis = x.shape[1] - t
             layer = p.layers[i]
@@ -444,17 +454,18 @@ class Prefill(nn.Module):
                 x = torch.cat([x_vis, x[:, n_vis:]], dim=1)
                 pos = torch.cat([pos[:, :n_vis].index_select(1, kept), pos[:, n_vis:]], dim=1)
                 bias = rope = None
-            if i == self.end - 1:
-                x_vis_pre = x[:, :x.shape[1] - t]
-            x = x + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x))
+            if defers and i == self.end - 1:  # text only: the visual MLP waits for the exit decision
+                n_vis = x.shape[1] - t
+                x_txt = x[:, n_vis:]
+                x = torch.cat([x[:, :n_vis], x_txt + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x_txt))], 1)
+            else:
+                x = x + layer.mlp(p.rms_norm(layer.post_attention_layernorm, x))
         n_vis = x.shape[1] - t
         extra: tuple[torch.Tensor, ...] = ()
         logits = p.logits(x[:, -1]) if last else None  # the prompt ends in text (the runtime checks)
         candidate = self.end - 1 in spec.exit_layers
-        if self.mode == "image" and candidate and spec.exit_frozen and not last:
-            extra = (x_vis_pre,)
         if self.mode == "image" and candidate and (not spec.exit_lookahead or last):
-            extra = (*extra, self._exit_probability(self.end - 1, x[:, n_vis:], after, logits))
+            extra = (self._exit_probability(self.end - 1, x[:, n_vis:], after, logits),)
         elif self.mode == "exited" and spec.exit_lookahead:
             extra = (self._exit_probability(self.start - 1, x_text_in, after, logits),)
         if logits is not None:
@@ -808,6 +819,7 @@ def build_spec(adapter: Any, recipe: Recipe, options: ConvertOptions) -> Program
         pad_token_id=int(adapter.pad_token_id),
         bos_token_id=tok.bos_token_id,
         prefill_segments=[[a, b] for a, b in zip(bounds[:-1], bounds[1:])],
+        layout=PROGRAM_LAYOUT,
         text_only_prefill=options.text_only_prefill,
         exit_layers=exit_layers,
         exit_threshold=recipe.exit.threshold if recipe.exit is not None else None,

@@ -39,6 +39,7 @@ DECODE = "decode"
 BACKEND_REGISTRY_NAMES = {"xnnpack": "XnnpackBackend", "vulkan": "VulkanBackend", "coreml": "CoreMLBackend",
                           "qnn": "QnnBackend"}
 RSS_SAMPLE_S = 0.002
+PROGRAM_LAYOUT = 2  # see ProgramSpec.layout
 
 
 @dataclass
@@ -65,6 +66,9 @@ class ProgramSpec:
     pad_token_id: int
     bos_token_id: int | None
     prefill_segments: list[list[int]]  # [start, end) decoder layers per prefill method
+    # PROGRAM_LAYOUT of the converter that wrote it. Layout 2: an image segment ending at an exit candidate
+    # hands its visual tokens on before that layer's MLP, and the next image segment runs it first.
+    layout: int
     text_only_prefill: bool = True  # the program has prefill_text (prompts without an image)
     exit_layers: list[int] = field(default_factory=list)  # exit-router candidates (a segment ends after each)
     exit_threshold: float | None = None
@@ -72,9 +76,9 @@ class ProgramSpec:
     # returns (logits, p_exit); the image segment ending at a candidate then returns no probability (but the
     # last segment, whose logits are the exit's answer already)
     exit_lookahead: bool = False
-    # recipe exit.frozen: an exit keeps the visual tokens as keys and values. An image segment ending at a
-    # candidate also returns the visual states before that layer's MLP (what the exit freezes), and
-    # prefill_exit_<l> takes them after x_text: (x_text, x_frozen, pos_frozen[, size_frozen], image_start).
+    # recipe exit.frozen: an exit keeps the visual tokens as keys and values. prefill_exit_<l> takes the
+    # visual tokens the image segment ending at the candidate handed over (their states before that layer's
+    # MLP, which such a segment leaves to the next one): (x_text, x_frozen, pos_frozen[, size_frozen], image_start).
     exit_frozen: bool = False
     # visual KV slots per layer; empty: seen. A frozen exit after layer l leaves kept[l] visual keys in every
     # later layer, so those layers get room for them (text slots start after the visual ones).
@@ -106,6 +110,10 @@ class ProgramSpec:
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> ProgramSpec:
+        layout = data.get("layout", 1) if isinstance(data, dict) else None
+        if layout != PROGRAM_LAYOUT:
+            raise ArtifactError(f"{source}: the program's method layout is {layout!r}, this runtime runs layout "
+                                f"{PROGRAM_LAYOUT}; re-run `edge-prune convert` with this edge-prune")
         try:
             return cls(**data)
         except TypeError as exc:
@@ -339,8 +347,9 @@ class ExecuTorchSession:
         runs text-only (prefill_exit_<layer>), so later layers never see, nor cache, visual tokens.
         A lookahead router's p(exit) comes from prefill_exit_<layer> itself, with the answer it would
         give; when the request stays, the next segment rewrites the text KV entries that run wrote.
-        With frozen exits the segment also hands over the visual states the exit would freeze, and
-        prefill_exit_<layer> writes their keys and values into the later layers' caches.
+        With frozen exits prefill_exit_<layer> takes the visual tokens the segment handed over (before
+        the layer's MLP, which the next segment runs if the request stays) and writes their keys and values
+        into the later layers' caches.
         """
         spec = self.spec
         start = np.asarray([image_start], dtype=np.int64)
@@ -350,8 +359,8 @@ class ExecuTorchSession:
             layer = end - 1
             if layer in spec.exit_layers:
                 p_exit = None if spec.exit_lookahead and layer in exits else float(state.pop()[0])
-                # (x_frozen, pos_vis[, size_vis]): what prefill_exit_<layer> freezes
-                frozen = [state.pop(), *state[2:]] if spec.exit_frozen and layer in exits else []
+                # (x_vis, pos_vis[, size_vis]): what prefill_exit_<layer> freezes
+                frozen = state[1:] if spec.exit_frozen and layer in exits else []
                 if spec.kept[layer] > 0:
                     if p_exit is None:  # lookahead: the exit's own run gives the probability
                         logits, p_run = self._run(exits[layer], state[0], *frozen, start)

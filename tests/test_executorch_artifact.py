@@ -193,6 +193,17 @@ def test_manifest_and_program_mismatch(artifact, tmp_path):
         load(art)
 
 
+def test_program_of_an_older_method_layout_is_refused(artifact, tmp_path):
+    """Layout 1 programs ran the exit layer's visual MLP inside the candidate segment; this runtime would
+    run it a second time, so it names the layout and asks for a re-conversion instead."""
+    art = _copy(artifact, tmp_path)
+    data = json.loads((art / MANIFEST_FILE).read_text())
+    del data["extra"]["program"]["layout"]
+    (art / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="method layout is 1, this runtime runs layout 2.*re-run `edge-prune convert`"):
+        load(art)
+
+
 def test_prompt_limits_are_checked(artifact):
     session = load(artifact)
     with pytest.raises(InputError, match="max_new_tokens"):

@@ -43,8 +43,8 @@ def _run_exported_modules(engine: PrunedEngine, prompt: str, image, boundaries: 
             if layer not in spec.exit_layers:
                 continue
             p_exit = None if spec.exit_lookahead and layer in tails else float(state.pop()[0])
-            # a frozen exit's run also takes the visual states before this layer's MLP, positions (and sizes)
-            frozen = [state.pop(), *state[2:]] if spec.exit_frozen and layer in tails else []
+            # a frozen exit's run takes the visual states (before this layer's MLP), positions (and sizes)
+            frozen = state[1:] if spec.exit_frozen and layer in tails else []
             if spec.kept[layer] == 0:
                 continue
             if p_exit is None:  # lookahead: the exit's own run gives the decision
