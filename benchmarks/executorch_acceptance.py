@@ -96,14 +96,23 @@ def recipes(model: Path, work: Path) -> dict[str, Path]:
 
 def convert_all(model: Path, named: dict[str, Path], work: Path, state: State) -> dict[str, Path]:
     from edge_prune.converters.executorch import ConvertOptions, convert
+    from edge_prune.runtimes.executorch import PROGRAM_LAYOUT, program_layout
 
     arts: dict[str, Path] = {}
     for name, recipe in named.items():
         for quant in QUANTS:
             key = f"{name}/{quant}"
             out = work / "artifacts" / f"{name}-{quant}"
+            if (out / "manifest.json").is_file() and program_layout(out) != PROGRAM_LAYOUT:
+                log(f"{key}: the artifact in {out} has method layout {program_layout(out)}, not {PROGRAM_LAYOUT}")
+                state.data.get("convert", {}).pop(key, None)
             if not (out / "manifest.json").is_file() or key not in state.data.get("convert", {}):
                 log(f"converting {key}")
+                # results measured on an earlier conversion say nothing about this one
+                state.data.get("fidelity", {}).pop(name, None)
+                for by_quant in state.data.get("speed", {}).values():
+                    if isinstance(by_quant, dict):
+                        by_quant.pop(name, None)
                 options = ConvertOptions(quant=quant, max_prompt_tokens=64, max_new_tokens=DECODE_TOKENS,
                                          overwrite=True)
                 res = convert(model, recipe, out, options)

@@ -36,10 +36,12 @@ ROUTERS = ["dyvte", "dyvte-agree", "dyvte-agree-l13", "dyvte-lookahead", "dyvte-
 
 
 def convert_all(model: Path, work: Path) -> dict[str, Path]:
-    """name -> fp32 XNNPACK artifact; an artifact already in `work` is reused."""
+    """name -> fp32 XNNPACK artifact; an artifact already in `work` is reused if it has this converter's
+    method layout."""
     from edge_prune.converters.executorch import ConvertOptions, convert
     from edge_prune.models.shapes import load_shape
     from edge_prune.recipe import Recipe
+    from edge_prune.runtimes.executorch import PROGRAM_LAYOUT, program_layout
 
     layers = load_shape(model).num_layers
     jobs = {"keep-all": (None, []), "keep-all-segmented": (None, list(range(1, layers)))}
@@ -47,7 +49,8 @@ def convert_all(model: Path, work: Path) -> dict[str, Path]:
     arts = {}
     for name, (recipe, bounds) in jobs.items():
         out = work / name
-        if not (out / "manifest.json").is_file():
+        # an artifact of an older method layout measures an older converter: convert it again
+        if not (out / "manifest.json").is_file() or program_layout(out) != PROGRAM_LAYOUT:
             options = ConvertOptions(segment_boundaries=bounds, max_prompt_tokens=64, max_new_tokens=4, overwrite=True)
             convert(model, Recipe.load(recipe) if recipe else None, out, options)
         arts[name] = out

@@ -121,6 +121,15 @@ class ProgramSpec:
                 f"{source}: malformed program description ({exc}); re-run `edge-prune convert`") from exc
 
 
+def program_layout(artifact: str | Path) -> int:
+    """The method layout (`ProgramSpec.layout`) an ExecuTorch artifact was converted with; 1 for artifacts
+    from before layouts were numbered. Lets tools tell a stale artifact from a current one unopened."""
+    from edge_prune.runtimes.manifest import read_manifest
+
+    program = read_manifest(Path(artifact), verify=False).extra.get("program") or {}
+    return int(program.get("layout", 1))
+
+
 def prefill_method_names(spec: ProgramSpec) -> list[str]:
     """'prefill' for a one-piece decoder, else prefill_0 .. prefill_{k-1} called in turn."""
     if len(spec.prefill_segments) == 1:

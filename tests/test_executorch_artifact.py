@@ -196,10 +196,14 @@ def test_manifest_and_program_mismatch(artifact, tmp_path):
 def test_program_of_an_older_method_layout_is_refused(artifact, tmp_path):
     """Layout 1 programs ran the exit layer's visual MLP inside the candidate segment; this runtime would
     run it a second time, so it names the layout and asks for a re-conversion instead."""
+    from edge_prune.runtimes.executorch import PROGRAM_LAYOUT, program_layout
+
     art = _copy(artifact, tmp_path)
+    assert program_layout(art) == PROGRAM_LAYOUT
     data = json.loads((art / MANIFEST_FILE).read_text())
     del data["extra"]["program"]["layout"]
     (art / MANIFEST_FILE).write_text(json.dumps(data))
+    assert program_layout(art) == 1
     with pytest.raises(ArtifactError, match="method layout is 1, this runtime runs layout 2.*re-run `edge-prune convert`"):
         load(art)
 
