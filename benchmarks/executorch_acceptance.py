@@ -103,8 +103,9 @@ def convert_all(model: Path, named: dict[str, Path], work: Path, state: State) -
         for quant in QUANTS:
             key = f"{name}/{quant}"
             out = work / "artifacts" / f"{name}-{quant}"
-            if (out / "manifest.json").is_file() and program_layout(out) != PROGRAM_LAYOUT:
-                log(f"{key}: the artifact in {out} has method layout {program_layout(out)}, not {PROGRAM_LAYOUT}")
+            layout = program_layout(out) if (out / "manifest.json").is_file() else None
+            if layout is not None and layout != PROGRAM_LAYOUT:
+                log(f"{key}: the artifact in {out} has method layout {layout}, not {PROGRAM_LAYOUT}")
                 state.data.get("convert", {}).pop(key, None)
             if not (out / "manifest.json").is_file() or key not in state.data.get("convert", {}):
                 log(f"converting {key}")

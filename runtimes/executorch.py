@@ -110,7 +110,7 @@ class ProgramSpec:
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> ProgramSpec:
-        layout = data.get("layout", 1) if isinstance(data, dict) else None
+        layout = layout_of(data) if isinstance(data, dict) else None
         if layout != PROGRAM_LAYOUT:
             raise ArtifactError(f"{source}: the program's method layout is {layout!r}, this runtime runs layout "
                                 f"{PROGRAM_LAYOUT}; re-run `edge-prune convert` with this edge-prune")
@@ -126,7 +126,11 @@ def program_layout(artifact: str | Path) -> int:
     from before layouts were numbered. Lets tools tell a stale artifact from a current one unopened."""
     from edge_prune.runtimes.manifest import read_manifest
 
-    program = read_manifest(Path(artifact), verify=False).extra.get("program") or {}
+    return layout_of(read_manifest(Path(artifact), verify=False).extra.get("program") or {})
+
+
+def layout_of(program: dict[str, Any]) -> int:
+    """The method layout of a manifest's program description; 1 where it has none (before numbering)."""
     return int(program.get("layout", 1))
 
 
