@@ -91,6 +91,9 @@ class Bench:
         path = RECIPES / name / "recipe.json"
         if not path.is_file() or name not in self.state["fits"]:
             log(f"fitting {name}")
+            # rows measured on an earlier fit of this name no longer describe the recipe
+            for key in [k for k in self.state["rows"] if k.split("@")[0] == name]:
+                del self.state["rows"][key]
             start = time.perf_counter()
             recipe = fit(path)
             seconds = time.perf_counter() - start
