@@ -157,6 +157,7 @@ class DecoderParts(nn.Module):
         self.apply_rotary: Callable = adapter.apply_rotary
         self.scorer = recipe.prune.scorer
         self.fitprune_combine = recipe.prune.fitprune_combine
+        self.preview_layers = list(recipe.prune.preview_layers)  # fitprune scorer: PrunedEngine.preview
         self.seed = recipe.prune.seed
         self.merge = spec.merge
         self.spec = spec
@@ -205,6 +206,25 @@ class DecoderParts(nn.Module):
         k = self.rotate(attn.k_proj(x).view(1, -1, self.kv_heads, self.head_dim), cos, sin)
         v = attn.v_proj(x).view(1, -1, self.kv_heads, self.head_dim)
         return k.transpose(1, 2), v.transpose(1, 2)
+
+    def preview(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                key_bias: torch.Tensor | float) -> torch.Tensor | None:
+        """[K] attention the last token would pay each key in the recipe's preview layers after layer i, head-max,
+        summed (PrunedEngine.preview for one request: every key is visible to the last token); None if none."""
+        later = [j for j in self.preview_layers if j > i]
+        if not later:
+            return None
+        cos, sin = rope
+        total = None
+        for j in later:
+            attn = self.layers[j].self_attn
+            xn = self.rms_norm(self.layers[j].input_layernorm, x)
+            q = self.rotate(attn.q_proj(xn[:, -1:]).view(1, 1, self.heads, self.head_dim), cos[:, -1:], sin[:, -1:])
+            k = self.rotate(attn.k_proj(xn).view(1, -1, self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+            probs = self.attention_probs(self.grouped(q.transpose(1, 2) * attn.scaling), k, key_bias)  # [KVH, G, K]
+            head_max = probs.amax(dim=1).amax(dim=0)
+            total = head_max if total is None else total + head_max
+        return total
 
     def rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE of t [1, n, heads, hd] as the model applies it; rotate_half as a linear by a signed
@@ -443,6 +463,13 @@ class Prefill(nn.Module):
                     x = x + layer.self_attn.o_proj(p.attend(probs, v))
             if target < n_vis:
                 scores = self._scores(i, probs, x, pos, n_vis, after)
+                preview = p.preview(i, x, rope if rope is not None else p.rope(x, pos), key_bias) \
+                    if p.scorer == "fitprune" and target > 0 else None
+                if preview is not None:  # scoring.with_preview over this request's visual tokens
+                    from edge_prune.scoring import with_preview
+
+                    present = torch.ones(1, n_vis, dtype=torch.bool)
+                    scores = with_preview(scores[None], preview[None, :n_vis], present)[0]
                 keep = self._keep_visual(scores, target, pos[0, :n_vis], image_start)
                 kept = self._indices(keep, target)
                 x_vis = x[:, :n_vis].index_select(1, kept)

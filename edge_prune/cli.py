@@ -168,7 +168,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from edge_prune.engine import PrunedEngine
     from edge_prune.fit.calibration import load_calibration
     from edge_prune.fit.distributed import Dist
-    from edge_prune.fit.fitprune import FitPruneFitter
+    from edge_prune.fit.fitprune import FitPruneFitter, parse_preview_layers
     from edge_prune.predict import QUANT_FORMATS
     from edge_prune.recipe import Recipe
 
@@ -177,6 +177,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for option, given in (("--lookahead", args.lookahead), ("--frozen-exit", args.frozen_exit)):
         if given and args.method != "dyvte":
             raise InputError(f"{option} is an exit-router option; use it with --method dyvte")
+    if args.preview_layers and args.method != "fitprune":
+        raise InputError("--preview-layers adds to FitPrune's ranking; use it with --method fitprune")
     if args.method in ("lvpruning", "dyvte"):
         from edge_prune.fit.commands import fit_learned
 
@@ -194,7 +196,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         fitter = FitPruneFitter(engine, calibration, args.flops_reduction, accounting=args.accounting,
                                 batch_size=args.batch_size, dist=dist, progress=not args.json,
                                 first_layer=args.first_layer, regions=args.regions, ranking=args.ranking,
-                                merge=args.merge)
+                                merge=args.merge,
+                                preview_layers=parse_preview_layers(args.preview_layers, engine.adapter.num_layers))
         device_budget = None
         if args.profile is not None:
             from edge_prune.predict import device_target
@@ -371,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true",
                    help="fitprune, lvpruning: merge each dropped token into its most similar kept one "
                         "(proportional attention) instead of discarding it; lvpruning trains with it")
+    p.add_argument("--preview-layers", default="",
+                   help="fitprune: later layers whose attention from the last prompt token, previewed on the states "
+                        "at each drop, joins FitPrune's ranking: 'last', 'all' or indices such as 4,5 (costs FLOPs, "
+                        "which the search counts); empty = FitPrune's score alone")
     p.add_argument("--profile", help="fitprune: fit the smallest reduction that meets this device's budget "
                                      "(see `edge-prune profiles`), with --ttft-ms and/or --peak-rss-mb")
     p.add_argument("--ttft-ms", type=float, help="with --profile: time-to-first-token budget")

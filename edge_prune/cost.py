@@ -48,6 +48,10 @@ query count.
 Merging (recipe `prune.merge`, exact accounting only): at each layer that drops visual tokens, n_drop
 dropped and n_keep kept: n_drop n_keep d multiply-adds for the cosine similarities and n_drop d for the
 weighted sums of the dropped states (edge_prune.merging).
+Preview (recipe `prune.preview_layers`, exact accounting only): at each layer l that drops visual tokens,
+with n tokens present (text + the visual tokens that entered l), every preview layer after l projects
+the keys of all n (n d kv_dim) and the last token's query (d q_dim), and scores that query against them
+(q_dim n).
 Exits are per request, so a recipe with an exit router is costed as an EXPECTATION: the mean over the
 exit-layer distribution (`exit.exit_rates`, measured on held-out calibration data when the router was
 fitted; the rest never exit), or over a distribution passed to `estimate` (e.g. one measured by
@@ -87,7 +91,7 @@ KV_DTYPE_BITS: dict[str, Fraction] = {
 
 # Prefill FLOPs broken down by where they are spent; the paper accountings leave the first two at 0.
 PARTS = ("vision_tower", "projector", "attention_projections", "attention_scores", "mlp", "lm_head", "guides",
-         "exit_router", "merge")
+         "exit_router", "merge", "preview")
 
 # ---- weight formats ------------------------------------------------------------------------------
 WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "8da4w", "q8_0", "q4_0", "q4_k_m")
@@ -270,6 +274,9 @@ def prefill_breakdown(
             parts["guides"], parts["exit_router"] = _module_macs(shape, pruning, text_tokens, n_visual, exit_layer)
             if pruning.prune.merge:
                 parts["merge"] = _merge_macs(shape, sched)
+            if pruning.prune.preview_layers:
+                plain = token_schedule(shape, pruning, text_tokens, n_visual)
+                parts["preview"] = _preview_macs(shape, plain, pruning.prune.preview_layers, exit_layer)
         return {k: 2 * value for k, value in parts.items()}  # FLOPs = 2 x multiply-adds
 
     visual_only = accounting == "fitprune"  # FitPrune counts visual tokens only, FastV all tokens
@@ -358,6 +365,20 @@ def _merge_macs(shape: ModelShape, sched: TokenSchedule) -> int:
         dropped, kept = sched.visual_in[i] - sched.visual_out[i], sched.visual_out[i]
         if dropped > 0 and kept > 0:
             macs += dropped * kept * shape.hidden_size + dropped * shape.hidden_size
+    return macs
+
+
+def _preview_macs(shape: ModelShape, sched: TokenSchedule, preview_layers: Sequence[int],
+                  exit_layer: int | None) -> int:
+    """Multiply-adds of the preview (recipe prune.preview_layers): at each layer where the schedule `sched`
+    (without exits) drops visual tokens and keeps some, up to an exit, every later preview layer's keys over
+    the tokens present, its query for the last token, and the scores of that query."""
+    macs = 0
+    for i in range(sched.num_layers if exit_layer is None else exit_layer + 1):
+        if 0 < sched.visual_out[i] < sched.visual_in[i]:
+            n = sched.attention_tokens(i)
+            later = sum(1 for layer in preview_layers if layer > i)
+            macs += later * (n * shape.hidden_size * shape.kv_dim + shape.hidden_size * shape.q_dim + shape.q_dim * n)
     return macs
 
 

@@ -39,9 +39,11 @@ from edge_prune.scoring import (
     fitprune_attention,
     fitprune_combine,
     grid_regions,
+    last_token_attention,
     lookahead_statistics,
     pool_visual,
     select_visual,
+    with_preview,
 )
 
 ATTENTION_SCORERS = ("fastv", "fitprune")
@@ -529,10 +531,31 @@ class PrunedEngine:
             raise RecipeError(f"scorer {scorer!r} cannot drop tokens inside the decoder")
         else:
             scores = fitprune_combine(ctx, *components) if components else SCORERS[scorer](ctx)
+            preview = self.preview(ws, layer) if scorer == "fitprune" and max(targets) > 0 else None
+            if preview is not None:
+                scores = with_preview(scores, preview, ws.visual & ws.valid)
         if self.score_hook is not None:
             scores = self.score_hook(ctx, scores)
         keep_visual = select_visual(scores, ws.visual, targets, self._regions(ws))
         return self._keep(ws, keep_visual)
+
+    def preview(self, ws: WorkingSet, layer: int) -> torch.Tensor | None:
+        """[B, T] attention the prompt's last token would pay each token in the recipe's preview layers after
+        `layer` (prune.preview_layers), each layer's own norm and projections applied to the current states,
+        head-max, summed over those layers; None when no preview layer comes after `layer`."""
+        later = [i for i in self.recipe.prune.preview_layers if i > layer]
+        if not later:
+            return None
+        rows = torch.arange(ws.hidden.shape[0], device=ws.hidden.device)
+        last = ws.valid.long().sum(1) - 1  # working sets are packed left
+        total = torch.zeros(ws.valid.shape, dtype=torch.float32, device=ws.hidden.device)
+        for i in later:
+            block = self.adapter.layers[i]
+            x = block.input_layernorm(ws.hidden)
+            _, k, _ = self._qkv(block, x, ws.positions, queries=False)
+            q, _, _ = self._qkv(block, x[rows, last][:, None], ws.positions[rows, last][:, None])
+            total += last_token_attention(q[:, :, 0], k, block.self_attn.scaling, ws.valid, ws.key_bias())
+        return total
 
     def _keep(self, ws: WorkingSet, keep_visual: torch.Tensor) -> WorkingSet:
         """The working set with only `keep_visual` of its visual tokens, the rest merged in if the recipe says so."""

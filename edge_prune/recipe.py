@@ -144,6 +144,12 @@ class PruneSpec:
     # token joins its most similar kept one, whose state becomes the group's mean and whose key then
     # weighs as much as the group in every later attention. Counts, and so the schedule, are unchanged.
     merge: bool = False
+    # Preview (an edge-prune extension, fitprune scorer only): at a drop after layer l, every listed layer
+    # l' > l applies its own input norm and query/key projections to the current states and gives the
+    # attention the prompt's last token would pay each visual token there; the ranking adds that
+    # preview's standardised log to FitPrune's (scoring.with_preview). Later layers read what the
+    # dropping layer's attention does not show (position, relation). Empty: FitPrune's score alone.
+    preview_layers: list[int] = field(default_factory=list)
 
     def drop_layers(self) -> list[int]:
         """Layers after whose attention the schedule lowers the visual-token fraction."""
@@ -242,12 +248,18 @@ class Recipe:
             "format": self.format,
             "version": self.version,
             "model": asdict(self.model),
-            "prune": asdict(self.prune),
+            "prune": self._prune_dict(),
             "exit": None if self.exit is None else self._exit_dict(),
             "skip_attention": list(self.skip_attention),
             "budget": asdict(self.budget),
             "provenance": dict(self.provenance),
         }
+
+    def _prune_dict(self) -> dict[str, Any]:
+        data = asdict(self.prune)
+        if not data["preview_layers"]:  # written only when set, so such recipes read in older edge-prune
+            del data["preview_layers"]
+        return data
 
     def _exit_dict(self) -> dict[str, Any]:
         assert self.exit is not None
@@ -366,6 +378,7 @@ class Recipe:
             raise RecipeError(f"{source}: field 'prune.merge' is {p.merge!r}, expected true or false")
         if p.merge:
             self._check_ranking_scorer("prune.merge", "true", source)
+        self._validate_preview(source)
         if p.keep_input < 1.0 and p.scorer != "pool":
             raise RecipeError(
                 f"{source}: field 'prune.keep_input' is {p.keep_input} but only the 'pool' scorer "
@@ -411,6 +424,23 @@ class Recipe:
             raise RecipeError(f"{source}: field 'prune.regions' is {regions}, more than the token grid's side "
                               f"({side}); expected 1..{side}")
         self._check_ranking_scorer("prune.regions", regions, source)
+
+    def _validate_preview(self, source: str) -> None:
+        layers, last = self.prune.preview_layers, self.model.num_layers - 1
+        if not isinstance(layers, list) or any(not isinstance(x, int) or isinstance(x, bool) for x in layers):
+            raise RecipeError(f"{source}: field 'prune.preview_layers' is {layers!r}, expected a list of layer indices")
+        if not layers:
+            return
+        if self.prune.scorer != "fitprune":
+            raise RecipeError(f"{source}: field 'prune.preview_layers' is {layers}, but only the 'fitprune' scorer "
+                              f"uses a preview (scorer is {self.prune.scorer!r}); remove the field")
+        if layers != sorted(set(layers)) or not all(1 <= x <= last for x in layers):
+            raise RecipeError(f"{source}: field 'prune.preview_layers' is {layers}, expected increasing layer "
+                              f"indices in [1, {last}] (a preview looks at layers after a drop)")
+        skipped = sorted(set(layers) & set(self.skip_attention))
+        if skipped:
+            raise RecipeError(f"{source}: field 'prune.preview_layers' names layer(s) {skipped}, whose attention "
+                              "the recipe skips ('skip_attention'); a preview of them shows nothing the model reads")
 
     def _check_ranking_scorer(self, field_name: str, value: Any, source: str) -> None:
         """regions and merge shape drops inside the decoder, which only a ranking scorer makes."""

@@ -180,6 +180,37 @@ def position_hash_uniform(seed: int, layer: int, positions: torch.Tensor) -> tor
 SCORERS = {"fastv": fastv_scores, "fitprune": fitprune_scores, "random": random_scores}
 
 
+def last_token_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, valid: torch.Tensor,
+                         key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Head-max attention of one query per request (the prompt's last token) over every key: [B, T].
+
+    query [B, H, hd] and key [B, KVH, T, hd] after RoPE; the query comes last, so it sees every valid key.
+    With `key_bias` (merged tokens' log sizes) a key weighs as the tokens it stands for, as in attention.
+    """
+    logits = torch.einsum("bhd,bhtd->bht", query, _per_query_head(key, query.shape[1])).float() * scaling
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, :]
+    logits = logits.masked_fill(~valid[:, None, :], torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1).amax(dim=1)
+
+
+def standardised_log(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """log(scores) shifted and scaled to mean 0, deviation 1 over each request's `present` tokens, so
+    that two scores on different scales weigh the same in a sum."""
+    x = torch.log(scores.float().clamp(min=1e-30))
+    weight = present.float()
+    n = weight.sum(1, keepdim=True).clamp(min=1)
+    mean = (x * weight).sum(1, keepdim=True) / n
+    std = ((((x - mean) * weight) ** 2).sum(1, keepdim=True) / n).sqrt().clamp(min=1e-4)
+    return (x - mean) / std
+
+
+def with_preview(scores: torch.Tensor, preview: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """A drop's ranking with a preview (recipe prune.preview_layers): FitPrune's score and the later layers'
+    attention from the last token, each as a standardised log over the visual tokens present, summed."""
+    return standardised_log(scores, present) + standardised_log(preview, present)
+
+
 def select_visual(scores: torch.Tensor, visual: torch.Tensor, counts: list[int],
                   regions: torch.Tensor | None = None) -> torch.Tensor:
     """Mask of visual tokens to keep: per sample the `counts[b]` best, ties to the earlier token.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from tqdm import tqdm
 import edge_prune
 from edge_prune.cost import estimate
 from edge_prune.engine import PrunedEngine, WorkingSet
-from edge_prune.errors import RecipeError
+from edge_prune.errors import InputError, RecipeError
 from edge_prune.fit.calibration import CalibrationSet
 from edge_prune.fit.distributed import Dist
 from edge_prune.recipe import Budget, PruneSpec, Recipe
@@ -54,12 +55,33 @@ def prefix_to_drop(mass: torch.Tensor, reference: float, alpha: float) -> torch.
     return order[:j]
 
 
+def parse_preview_layers(text: str, num_layers: int) -> list[int]:
+    """--preview-layers: '' (none), 'last' (the final layer), 'all' (every layer a drop can precede) or indices."""
+    text = text.strip()
+    if not text:
+        return []
+    if text == "last":
+        return [num_layers - 1]
+    if text == "all":
+        return list(range(1, num_layers))
+    try:
+        layers = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise InputError(f"--preview-layers {text!r}: expected 'last', 'all' or layer indices such as 4,5") from None
+    bad = [x for x in layers if not 1 <= x < num_layers]
+    if bad:
+        raise InputError(f"--preview-layers names {bad}; a preview looks at layers after a drop, 1..{num_layers - 1} "
+                         f"on this {num_layers}-layer decoder")
+    return layers
+
+
 class FitPruneFitter:
     """Holds the calibration batch's embeddings and reference masses; `fit` searches alpha."""
 
     def __init__(self, engine: PrunedEngine, calibration: CalibrationSet, flops_reduction: float | None,
                  accounting: str = "exact", batch_size: int = 8, dist: Dist | None = None, progress: bool = True,
-                 first_layer: int = 0, regions: int = 1, ranking: str = "fitprune", merge: bool = False):
+                 first_layer: int = 0, regions: int = 1, ranking: str = "fitprune", merge: bool = False,
+                 preview_layers: Sequence[int] = ()):
         """`flops_reduction` may be None and set with `retarget` once `text_tokens` is known (device budgets).
 
         `first_layer` > 0 keeps every visual token through the layers before it (FastV's K). FitPrune
@@ -70,11 +92,17 @@ class FitPruneFitter:
         the search finds: regions > 1 ranks region by region (PruneSpec.regions), ranking "random" ranks
         uniformly at random instead of by FitPrune's attention score, and merge folds each dropped token
         into its most similar kept one (edge_prune.merging). Merging costs FLOPs, which the search counts,
-        so a merged recipe may keep slightly fewer tokens to meet the same budget.
+        so a merged recipe may keep slightly fewer tokens to meet the same budget. `preview_layers` (ranking
+        "fitprune" only) adds those later layers' attention from the last prompt token to the ranking
+        (PruneSpec.preview_layers); its FLOPs are counted too.
         """
         if ranking not in RANKINGS:
             raise RecipeError(f"--ranking {ranking!r}; expected one of {', '.join(RANKINGS)}")
         self.regions, self.ranking, self.merge = regions, ranking, merge
+        self.preview_layers = list(preview_layers)
+        if self.preview_layers and ranking != "fitprune":
+            raise RecipeError(f"--preview-layers adds to FitPrune's attention ranking; it does not apply to "
+                              f"--ranking {ranking}")
         self.target: float | None = None
         if flops_reduction is not None:
             self.retarget(flops_reduction)
@@ -150,7 +178,8 @@ class FitPruneFitter:
             keep[i] = min(keep[i], keep[i - 1])
         drops = any(k < 1.0 for k in keep)
         prune = PruneSpec(scorer=self.ranking if drops else "none", keep_after=keep, fitprune_combine="either",
-                          regions=self.regions if drops else 1, merge=self.merge and drops)
+                          regions=self.regions if drops else 1, merge=self.merge and drops,
+                          preview_layers=self.preview_layers if drops else [])
         return Recipe(model=self.sig, prune=prune, budget=Budget(flops_reduction=self.target, accounting=self.accounting))
 
     def predicted_reduction(self, fractions: list[float]) -> float:
@@ -233,6 +262,7 @@ class FitPruneFitter:
             "ranking": self.ranking,
             "regions": self.regions,
             "merge": self.merge,
+            "preview_layers": self.preview_layers,
             "calibration": self.calibration.source,
             "calibration_samples": self.n_samples,
             "world_size": self.dist.world_size,
