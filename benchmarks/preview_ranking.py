@@ -34,14 +34,14 @@ MODEL = ROOT / "models" / "toyvqa-llava"
 RECIPES = ROOT / "recipes"
 TARGET = 0.6
 VARIANTS = ((12, True), (1, True))  # (regions, merge) of the committed 60% recipes
-PREVIEWS = ("", "last", "all")
+PREVIEWS = ("", "last", "4,5", "3,4,5", "2,3,4,5", "all")  # --preview-layers values
 # the baselines at the same FLOPs, as fitprune_curve.py and baselines.py committed them (test split only)
 BASELINES = ("fastv-60", "random-60", "pool-60", "fitprune-60-random-r12-merge")
 
 
 def name_of(regions: int, merge: bool, preview: str) -> str:
     name = "fitprune-60" + (f"-r{regions}" if regions > 1 else "") + ("-merge" if merge else "")
-    return name + (f"-preview-{preview}" if preview else "")
+    return name + (f"-preview-{preview.replace(',', '')}" if preview else "")
 
 
 def recipe_for(engine: PrunedEngine, calib, regions: int, merge: bool, preview: str) -> tuple[Recipe, float]:

@@ -17,9 +17,9 @@ builds a full attention map, and reduces its statistics across torch.distributed
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from collections.abc import Sequence
 from typing import Any
 
 import torch
