@@ -201,11 +201,14 @@ class DecoderParts(nn.Module):
 
     def kv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """k and v [1, KVH, n, hd] of layer i, as `qkv` gives them (a frozen exit's tokens need no queries)."""
-        attn = self.layers[i].self_attn
+        v = self.layers[i].self_attn.v_proj(x).view(1, -1, self.kv_heads, self.head_dim)
+        return self.keys(i, x, rope), v.transpose(1, 2)
+
+    def keys(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """k [1, KVH, n, hd] of layer i, rotated (a preview needs no values)."""
         cos, sin = rope
-        k = self.rotate(attn.k_proj(x).view(1, -1, self.kv_heads, self.head_dim), cos, sin)
-        v = attn.v_proj(x).view(1, -1, self.kv_heads, self.head_dim)
-        return k.transpose(1, 2), v.transpose(1, 2)
+        k = self.rotate(self.layers[i].self_attn.k_proj(x).view(1, -1, self.kv_heads, self.head_dim), cos, sin)
+        return k.transpose(1, 2)
 
     def preview(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 key_bias: torch.Tensor | float) -> torch.Tensor | None:
@@ -217,11 +220,9 @@ class DecoderParts(nn.Module):
         cos, sin = rope
         total = None
         for j in later:
-            attn = self.layers[j].self_attn
             xn = self.rms_norm(self.layers[j].input_layernorm, x)
-            q = self.rotate(attn.q_proj(xn[:, -1:]).view(1, 1, self.heads, self.head_dim), cos[:, -1:], sin[:, -1:])
-            k = self.rotate(attn.k_proj(xn).view(1, -1, self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-            probs = self.attention_probs(self.grouped(q.transpose(1, 2) * attn.scaling), k, key_bias)  # [KVH, G, K]
+            q = self.qkv(j, xn[:, -1:], (cos[:, -1:], sin[:, -1:]))[0]  # grouped, scaled: [KVH, G, hd]
+            probs = self.attention_probs(q, self.keys(j, xn, rope), key_bias)  # [KVH, G, K]
             head_max = probs.amax(dim=1).amax(dim=0)
             total = head_max if total is None else total + head_max
         return total

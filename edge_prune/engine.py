@@ -360,12 +360,13 @@ class PrunedEngine:
         image_start = vis_mask.long().argmax(1)  # 0 for a row without an image
         return WorkingSet(hidden, valid, positions, vis_mask, after_mask, image_start)
 
-    def _qkv(self, layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, queries: bool = True):
-        """(q, k, v) of `x`, rotated at `positions`; q is None with queries=False (keys and values only)."""
+    def _qkv(self, layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, queries: bool = True,
+             values: bool = True):
+        """(q, k, v) of `x`, rotated at `positions`; q is None with queries=False, v with values=False."""
         attn = layer.self_attn
         bsz, t, _ = x.shape
         k = attn.k_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(bsz, t, -1, attn.head_dim).transpose(1, 2) if values else None
         cos, sin = self.adapter.rotary_emb(x, positions)
         if not queries:
             return None, self.adapter.apply_rotary(k, k, cos, sin)[1], v
@@ -552,8 +553,8 @@ class PrunedEngine:
         for i in later:
             block = self.adapter.layers[i]
             x = block.input_layernorm(ws.hidden)
-            _, k, _ = self._qkv(block, x, ws.positions, queries=False)
-            q, _, _ = self._qkv(block, x[rows, last][:, None], ws.positions[rows, last][:, None])
+            _, k, _ = self._qkv(block, x, ws.positions, queries=False, values=False)  # keys only, as costed
+            q, _, _ = self._qkv(block, x[rows, last][:, None], ws.positions[rows, last][:, None], values=False)
             total += last_token_attention(q[:, :, 0], k, block.self_attn.scaling, ws.valid, ws.key_bias())
         return total
 
